@@ -1,0 +1,133 @@
+"""Command line: ``sqdf train``, ``sqdf resume``, ``sqdf tasks``.
+
+Bad input (unknown task, method or key, out-of-range values, a broken reward, a missing or corrupt checkpoint)
+prints one message naming the value and the fix, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from .errors import SqdfError
+
+DEFAULT_METHOD = "sqdf"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sqdf", description="Fine-tune diffusion models toward a reward.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune on a task")
+    t.add_argument("task", help="task name (see `sqdf tasks`)")
+    t.add_argument("--method", default=DEFAULT_METHOD, help="fine-tuning method (default: sqdf)")
+    t.add_argument("--config", help="YAML file with trainer:, method:, task: sections")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set method.gamma=0.95 (repeatable)")
+    t.add_argument("--steps", type=int, help="training iterations (trainer.steps)")
+    t.add_argument("--seed", type=int, help="random seed (trainer.seed)")
+    t.add_argument("--out", help="run directory (default: runs/TASK-METHOD-seedS-TIMESTAMP)")
+    t.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+
+    r = sub.add_parser("resume", help="continue a run from its newest checkpoint")
+    r.add_argument("run_dir", help="the --out directory of a `sqdf train` run")
+    r.add_argument("--steps", type=int, help="extend the run to this many iterations")
+
+    sub.add_parser("tasks", help="list the built-in tasks and their known optima")
+    return p
+
+
+def _print_config_help(run_config) -> None:
+    for section, cfg in run_config.sections().items():
+        print(f"[{section}]")
+        for f in dataclasses.fields(cfg):
+            print(f"  {section}.{f.name} = {getattr(cfg, f.name)!r}\n      {f.metadata.get('help', '')}")
+
+
+def _train(args) -> int:
+    from .config import load_yaml, parse_assignment
+    from .trainer import Trainer, default_config, make_task, method_class
+
+    method_class(args.method)
+    run_config = default_config(args.method)
+    if args.help_config:
+        _print_config_help(run_config)
+        return 0
+    if args.config:
+        run_config.update(load_yaml(args.config))
+    for item in args.overrides:
+        key, value = parse_assignment(item)
+        run_config.set(key, value)
+    if args.steps is not None:
+        run_config.set("trainer.steps", args.steps)
+    if args.seed is not None:
+        run_config.set("trainer.seed", args.seed)
+    make_task(args.task, run_config.task)  # fail fast on a bad task name or option
+    out = args.out or os.path.join(
+        "runs", f"{args.task}-{args.method}-seed{run_config.trainer.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    if os.path.exists(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
+        raise SqdfError(f"--out {out!r} already holds a run with checkpoints; use `sqdf resume {out}` "
+                        "or choose another --out")
+    trainer = Trainer(args.task, args.method, run_config, out)
+    summary = trainer.train()
+    _report(summary, out)
+    return 0
+
+
+def _resume(args) -> int:
+    from .trainer import Trainer
+
+    trainer = Trainer.resume(args.run_dir)
+    if args.steps is not None:
+        if args.steps < trainer.iteration:
+            raise SqdfError(f"--steps {args.steps} is below the {trainer.iteration} iterations already done")
+        trainer.config.set("trainer.steps", args.steps)
+        trainer._write_config()
+    summary = trainer.train()
+    _report(summary, args.run_dir)
+    return 0
+
+
+def _report(summary: dict, out: str) -> None:
+    keys = ("task", "method", "seed", "reward_mean", "path_kl", "objective", "optimum", "regret", "mode_tv",
+            "energy_distance", "reward_queries", "wall_seconds")
+    print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+    if "floor" in summary:
+        print(f"exact-score sampling floor at {summary['num_inference_steps']} steps: "
+              f"regret {summary['floor']['regret']:.4f}")
+    print(f"run directory: {out}  (summary.json, metrics.jsonl, plots/, checkpoints/)")
+
+
+def _tasks(_args) -> int:
+    from .tasks import TASKS, TaskConfig
+
+    print(f"{'task':<20} {'alpha':>5} {'J*':>9} {'E*[r]':>9} {'KL*':>7}  description")
+    for name, factory in TASKS.items():
+        task = factory(TaskConfig())
+        opt = task.known_optimum()
+        print(f"{name:<20} {task.alpha:>5.2f} {opt.optimum:>9.4f} {opt.reward_mean:>9.4f} {opt.kl:>7.4f}  "
+              f"{task.description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"train": _train, "resume": _resume, "tasks": _tasks}
+    try:
+        return handlers[args.command](args)
+    except SqdfError as exc:
+        print(f"sqdf: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sqdf: interrupted; the newest finished checkpoint is intact (resume with `sqdf resume DIR`)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

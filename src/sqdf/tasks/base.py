@@ -1,0 +1,106 @@
+"""What a task is: a base (reference) model, a reward, conditions, and whatever is known of the optimum."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..schedule import NoiseSchedule
+
+RewardFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass
+class TaskConfig:
+    """Options shared by the built-in tasks (each task reads those it needs)."""
+
+    alpha: float | None = field(
+        default=None, metadata={"help": "KL weight of the objective J = E[r] - alpha KL; None: the task's default"}
+    )
+    base: str = field(
+        default="exact", metadata={"help": "base model: 'exact' (analytic score, no training) or 'mlp' (trained)"}
+    )
+    base_path: str | None = field(
+        default=None, metadata={"help": "safetensors file of a trained MLP base (base='mlp'); trained if missing"}
+    )
+    base_train_steps: int = field(default=4000, metadata={"help": "optimizer steps to train an MLP base"})
+    dim: int = field(default=2, metadata={"help": "dimension (Gaussian task only)"})
+    num_inference_steps: int = field(default=100, metadata={"help": "sampler steps T"})
+    eta: float = field(default=1.0, metadata={"help": "DDIM eta in [0, 1]; 1 is the DDPM posterior variance"})
+    schedule: str = field(default="linear", metadata={"help": "noise schedule: 'linear' or 'cosine'"})
+    num_train_steps: int = field(default=1000, metadata={"help": "training timesteps N of the VP schedule"})
+
+
+@dataclass
+class KnownOptimum:
+    """What is known about the optimum of J = E[r] - alpha KL for a task."""
+
+    optimum: float  # J*
+    reward_mean: float | None = None  # E_{p*}[r]
+    kl: float | None = None  # KL(p* || p_ref)
+    optimum_stderr: float = 0.0  # 0 for a closed form
+    method: str = "closed form"
+    mode_weights: list[float] | None = None
+
+
+class Task(ABC):
+    """A fine-tuning problem. Subclasses provide the reward, the base denoiser and the optimum when known."""
+
+    name: str = "task"
+    description: str = ""
+
+    def __init__(self, config: TaskConfig):
+        self.config = config
+
+    @property
+    @abstractmethod
+    def sample_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    @abstractmethod
+    def alpha(self) -> float: ...
+
+    @abstractmethod
+    def reward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """r(x, cond) for samples x [B, *shape] -> [B]; differentiable where the task allows."""
+
+    @abstractmethod
+    def build_reference(self, schedule: NoiseSchedule, out_dir: str | None = None) -> nn.Module:
+        """The frozen base denoiser."""
+
+    @abstractmethod
+    def build_policy_model(self, reference: nn.Module) -> nn.Module:
+        """The trainable denoiser, equal to the reference at initialization."""
+
+    def make_schedule(self) -> NoiseSchedule:
+        from ..schedule import ScheduleConfig
+
+        cfg = ScheduleConfig(kind=self.config.schedule, num_train_steps=self.config.num_train_steps)
+        return NoiseSchedule(cfg, self.config.num_inference_steps, self.config.eta)
+
+    def sample_conditions(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """Conditions for n samples; None for unconditional tasks."""
+        return None
+
+    def known_optimum(self) -> KnownOptimum | None:
+        return None
+
+    def evaluate(self, samples: torch.Tensor, cond: torch.Tensor | None = None) -> dict[str, float]:
+        """Task-specific metrics on final samples (mode weights, distances to the target); {} by default."""
+        return {}
+
+    def plot(self, samples: torch.Tensor, path: str, title: str = "") -> None:
+        """Save a picture of samples against the target, when the task can draw one."""
+
+    def describe(self) -> dict:
+        opt = self.known_optimum()
+        return {
+            "name": self.name,
+            "description": self.description,
+            "alpha": self.alpha,
+            "optimum": None if opt is None else opt.optimum,
+        }

@@ -1,0 +1,81 @@
+"""The built-in tasks with known optima (BENCHMARKS.md tasks 1-3)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..mixture import GaussianMixture, QuadraticReward
+from .base import TaskConfig
+from .mixture_task import ExactTarget, MixtureTask
+
+
+def gaussian(config: TaskConfig) -> MixtureTask:
+    """Base N(0, I) in `dim` dimensions, linear reward r(x) = w.x with w = (1, -1/2, 1, -1/2, ...), alpha 1."""
+    d = config.dim
+    w = torch.tensor([1.0 if i % 2 == 0 else -0.5 for i in range(d)], dtype=torch.float64)
+    base = GaussianMixture(torch.zeros(1, d), torch.eye(d)[None], torch.ones(1))
+    return MixtureTask(base, QuadraticReward.linear(w), 1.0, config, name="gaussian",
+                       description=f"N(0, I_{d}) base, linear reward w.x; target N(w/alpha, I)")
+
+
+def gaussian_quadratic(config: TaskConfig) -> MixtureTask:
+    """Base N(0, I) in `dim` dimensions, reward -||x - b||^2 / (2 lambda) with b = (2, 0, ...), lambda = 1."""
+    d = config.dim
+    b = torch.zeros(d, dtype=torch.float64)
+    b[0] = 2.0
+    base = GaussianMixture(torch.zeros(1, d), torch.eye(d)[None], torch.ones(1))
+    reward = QuadraticReward.diagonal(torch.ones(d), b)
+    return MixtureTask(base, reward, 1.0, config, name="gaussian-quadratic",
+                       description=f"N(0, I_{d}) base, reward -||x-b||^2/2 with b=2e_1")
+
+
+def gmm1(config: TaskConfig) -> MixtureTask:
+    """9 equal components at {-4,0,4}^2, covariance 0.3 I; r = -x1^2/100 - x2^2; alpha 1."""
+    means = [[a, b] for a in (-4.0, 0.0, 4.0) for b in (-4.0, 0.0, 4.0)]
+    base = GaussianMixture.isotropic(means, 0.3)
+    reward = QuadraticReward.diagonal([2 / 100, 2.0], [0.0, 0.0])
+    return MixtureTask(base, reward, 1.0, config, name="gmm1",
+                       description="9-mode grid, reward -x1^2/100 - x2^2 (DAS toy)")
+
+
+def gmm2(config: TaskConfig) -> MixtureTask:
+    """8 equal components on a circle of radius 4, covariance 0.3 I; r = -x1^2 - (x2-1)^2/10; alpha 1."""
+    means = [[4 * math.cos(2 * math.pi * i / 8), 4 * math.sin(2 * math.pi * i / 8)] for i in range(8)]
+    base = GaussianMixture.isotropic(means, 0.3)
+    reward = QuadraticReward.diagonal([2.0, 0.2], [0.0, 1.0])
+    return MixtureTask(base, reward, 1.0, config, name="gmm2",
+                       description="8-mode circle, reward -x1^2 - (x2-1)^2/10 (DAS toy)")
+
+
+MIX9_WEIGHTS = (4, 10, 4, 5, 10, 5, 4, 15, 4)
+
+
+def mix25to9(config: TaskConfig) -> MixtureTask:
+    """Prior: 25 equal components on {-10,-5,0,5,10}^2, variance 0.3. Target: the inner 3x3 components with
+    weights (4,10,4,5,10,5,4,15,4)/61 (row-major, x1 outer). Reward log p9 - log p25, alpha 1: J* = 0."""
+    grid = (-10.0, -5.0, 0.0, 5.0, 10.0)
+    prior = GaussianMixture.isotropic([[a, b] for a in grid for b in grid], 0.3)
+    inner = (-5.0, 0.0, 5.0)
+    target = GaussianMixture.isotropic([[a, b] for a in inner for b in inner], 0.3, weights=MIX9_WEIGHTS)
+
+    def reward(x: torch.Tensor, cond=None) -> torch.Tensor:
+        return target.log_prob(x) - prior.log_prob(x)
+
+    if config.alpha not in (None, 1.0):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"task.alpha={config.alpha}: the 25->9 task is defined for alpha 1 only; drop the setting")
+    return MixtureTask(prior, reward, 1.0, config, name="mix25to9",
+                       description="25-mode prior to 9 unequal modes, reward log p9 - log p25 (RTB paper)",
+                       exact_target=ExactTarget(target, 0.0))
+
+
+TASKS = {
+    "gmm1": gmm1,
+    "gmm2": gmm2,
+    "mix25to9": mix25to9,
+    "gaussian": gaussian,
+    "gaussian-quadratic": gaussian_quadratic,
+}

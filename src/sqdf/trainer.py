@@ -1,0 +1,356 @@
+"""The one training loop shared by all methods: sample -> score -> update, with evaluation and checkpoints.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per logged
+iteration or evaluation), ``checkpoints/`` (atomic, the newest ``keep_checkpoints`` kept), ``plots/``,
+``tb/`` (TensorBoard) and, at the end, ``summary.json``. ``Trainer.resume(DIR)`` continues from the newest
+checkpoint and produces the same numbers as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import yaml
+
+from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .config import RunConfig, option
+from .errors import CheckpointError, ConfigError
+from .methods import METHODS, IterationContext, Method, Rollout
+from .metrics import objective_terms
+from .policy import DiffusionPolicy
+from .rewards import CheckedReward
+from .tasks import TASKS, Task, TaskConfig
+
+
+@dataclass
+class TrainerConfig:
+    """How a run is driven: length, seed, evaluation, checkpoints, devices and logging."""
+
+    steps: int = option(150, "training iterations")
+    seed: int = option(0, "seed of every random number in the run")
+    eval_every: int = option(50, "evaluate every N iterations (and at the end); 0: only at the end")
+    eval_samples: int = option(4096, "samples drawn for each evaluation")
+    checkpoint_every: int = option(25, "write a checkpoint every N iterations (and at the end)")
+    keep_checkpoints: int = option(2, "newest checkpoints kept on disk")
+    log_every: int = option(1, "write training metrics every N iterations")
+    device: str = option("auto", "'auto' (GPU when present), 'cpu' or 'cuda'")
+    mixed_precision: str = option("no", "'no', 'fp16' or 'bf16' (through accelerate)")
+    tensorboard: bool = option(True, "also write TensorBoard scalars to DIR/tb")
+    progress: bool = option(True, "show a progress bar")
+    plots: bool = option(True, "save sample plots at each evaluation")
+    floor: bool = option(True, "report the exact-score sampling floor in summary.json (toy tasks)")
+
+    def validate(self) -> None:
+        for name in ("steps", "eval_samples", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 1")
+        if self.eval_every < 0:
+            raise ConfigError(f"trainer.eval_every={self.eval_every} must be >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"trainer.device={self.device!r} must be 'auto', 'cpu' or 'cuda'")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"trainer.mixed_precision={self.mixed_precision!r} must be 'no', 'fp16' or 'bf16'")
+
+
+def make_task(name: str, config: TaskConfig) -> Task:
+    if name not in TASKS:
+        import difflib
+
+        near = difflib.get_close_matches(name, list(TASKS), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"unknown task {name!r}{hint} Known tasks: {', '.join(TASKS)} (see `sqdf tasks`)")
+    return TASKS[name](config)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        import difflib
+
+        near = difflib.get_close_matches(name, list(METHODS), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"unknown method {name!r}{hint} Known methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def default_config(method: str) -> RunConfig:
+    return RunConfig(TrainerConfig(), method_class(method).config_class(), TaskConfig())
+
+
+class Trainer:
+    """Runs one method on one task. Build with ``Trainer(task_name, method_name, config, out_dir)``."""
+
+    def __init__(self, task_name: str, method_name: str, config: RunConfig, out_dir: str):
+        self.task_name, self.method_name = task_name, method_name
+        self.config = config
+        self.out_dir = out_dir
+        tcfg: TrainerConfig = config.trainer
+        tcfg.validate()
+        cls = method_class(method_name)
+        config.method.validate()
+        self.task = make_task(task_name, config.task)
+
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(cpu=tcfg.device == "cpu", mixed_precision=tcfg.mixed_precision)
+        if tcfg.device == "cuda" and self.accelerator.device.type != "cuda":
+            raise ConfigError("trainer.device='cuda' but no CUDA device is visible; use trainer.device=auto or cpu")
+        self.device = self.accelerator.device
+        _seed_everything(tcfg.seed)
+
+        schedule = self.task.make_schedule()
+        reference = self.task.build_reference(schedule, out_dir)
+        model = self.task.build_policy_model(reference)
+        self.policy = DiffusionPolicy(model, schedule, self.task.sample_shape, reference=reference).to(self.device)
+        self.reward = CheckedReward(self.task.reward, name=f"{task_name} reward")
+        self.method: Method = cls(config.method, self.policy, self.task.alpha)
+        params = self.method.parameters()
+        if not params:
+            raise ConfigError(f"method {method_name} found no trainable parameters in the policy")
+        self.optimizer = torch.optim.AdamW(params, lr=config.method.lr, weight_decay=config.method.weight_decay)
+        self.policy.model, self.optimizer = self.accelerator.prepare(self.policy.model, self.optimizer)
+        self.generator = torch.Generator(device=self.device).manual_seed(tcfg.seed + 1)
+        self.iteration = 0
+        self.elapsed_before = 0.0
+        self._tb = None
+
+    # ---- construction from disk ------------------------------------------------------------------------------
+    @classmethod
+    def resume(cls, run_dir: str) -> "Trainer":
+        """Rebuild a run from DIR/config.yaml and load its newest checkpoint."""
+        path = os.path.join(run_dir, "config.yaml")
+        if not os.path.isdir(run_dir):
+            raise CheckpointError(f"run directory {run_dir!r} does not exist; pass the --out DIR of a `sqdf train` run")
+        if not os.path.exists(path):
+            raise CheckpointError(f"{run_dir!r} has no config.yaml, so it is not a run directory of `sqdf train`")
+        with open(path) as fh:
+            saved = yaml.safe_load(fh)
+        run_config = default_config(saved["method_name"])
+        run_config.update(saved["config"])
+        iteration, state, _ = load_latest_checkpoint(run_dir)
+        trainer = cls(saved["task_name"], saved["method_name"], run_config, run_dir)
+        trainer.load_state(state)
+        return trainer
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "model": self.accelerator.unwrap_model(self.policy.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": list(random.getstate()[1]),
+            "reward_queries": self.reward.queries,
+            "wall_seconds": self._wall_seconds(),
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.accelerator.unwrap_model(self.policy.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+        self.generator.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate((3, tuple(state["python_rng"]), None))
+        self.iteration = int(state["iteration"])
+        self.reward.queries = int(state["reward_queries"])
+        self.elapsed_before = float(state["wall_seconds"])
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        tcfg: TrainerConfig = self.config.trainer
+        os.makedirs(self.out_dir, exist_ok=True)
+        self._start = time.time()
+        resumed = self.iteration > 0
+        if resumed:
+            _truncate_metrics(self._metrics_path(), self.iteration)
+        else:
+            self._write_config()
+            if os.path.exists(self._metrics_path()):
+                os.remove(self._metrics_path())
+        if tcfg.tensorboard and self.accelerator.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=self.iteration + 1)
+        if not resumed:
+            self._evaluate(plot_name="samples_000000_base.png")
+        bar = None
+        if tcfg.progress and self.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=tcfg.steps, initial=self.iteration, desc=f"{self.method_name} on {self.task_name}")
+        while self.iteration < tcfg.steps:
+            ctx = IterationContext(self.iteration, self.generator, self._rollout, self.reward, self._optimizer_step)
+            self._last_rollout_reward = float("nan")
+            stats = self.method.train_iteration(ctx)
+            self.iteration += 1
+            if self.iteration % tcfg.log_every == 0:
+                row = {"iteration": self.iteration, "kind": "train", "reward_queries": self.reward.queries,
+                       "rollout_reward": self._last_rollout_reward, **stats}
+                self._log(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{self._last_rollout_reward:.3f}")
+            final = self.iteration == tcfg.steps
+            if final or (tcfg.eval_every and self.iteration % tcfg.eval_every == 0):
+                self._evaluate(plot_name=f"samples_{self.iteration:06d}.png")
+            if final or self.iteration % tcfg.checkpoint_every == 0:
+                if self.accelerator.is_main_process:
+                    save_checkpoint(self.out_dir, self.iteration, self.state(), tcfg.keep_checkpoints)
+        if bar is not None:
+            bar.close()
+        summary = self._summary()
+        if self._tb is not None:
+            self._tb.close()
+        return summary
+
+    def _rollout(self, n: int) -> Rollout:
+        cond = self.task.sample_conditions(n, self.generator)
+        self.policy.eval()
+        traj = self.policy.sample(n, cond, self.generator)
+        with torch.no_grad():
+            rewards = self.reward(traj.samples, cond)
+        self._last_rollout_reward = float(rewards.mean())
+        return Rollout(traj, rewards)
+
+    def _optimizer_step(self, loss: torch.Tensor) -> dict:
+        if not torch.isfinite(loss):
+            raise ConfigError(f"the loss became {float(loss)} at iteration {self.iteration}; lower method.lr")
+        self.accelerator.backward(loss)
+        params = self.method.parameters()
+        max_norm = self.config.method.max_grad_norm
+        if max_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(norm)}
+
+    # ---- evaluation and logging ----------------------------------------------------------------------------
+    def evaluate(self, n: int | None = None) -> tuple[dict, torch.Tensor]:
+        """Metrics of the current policy on n fresh samples (fixed evaluation noise; counts no queries)."""
+        tcfg: TrainerConfig = self.config.trainer
+        n = n or tcfg.eval_samples
+        g = torch.Generator(device=self.device).manual_seed(tcfg.seed * 1_000_003 + 7919)
+        cond = self.task.sample_conditions(n, g)
+        self.policy.eval()
+        traj = self.policy.sample(n, cond, g)
+        with torch.no_grad():
+            rewards = self.reward(traj.samples, cond, count=False)
+        out = objective_terms(rewards, traj.path_kl, self.task.alpha)
+        opt = self.task.known_optimum()
+        if opt is not None:
+            out["optimum"] = opt.optimum
+            out["regret"] = opt.optimum - out["objective"]
+        out.update(self.task.evaluate(traj.samples, cond))
+        return out, traj.samples
+
+    def _evaluate(self, plot_name: str) -> dict:
+        metrics, samples = self.evaluate()
+        row = {"iteration": self.iteration, "kind": "eval", "reward_queries": self.reward.queries,
+               "wall_seconds": round(self._wall_seconds(), 3), **metrics}
+        self._log(row)
+        if self.config.trainer.plots and self.accelerator.is_main_process:
+            title = f"{self.method_name} on {self.task_name}, iteration {self.iteration}"
+            self.task.plot(samples, os.path.join(self.out_dir, "plots", plot_name), title)
+        self._last_eval = metrics
+        return metrics
+
+    def _summary(self) -> dict:
+        metrics = getattr(self, "_last_eval", None) or self.evaluate()[0]
+        opt = self.task.known_optimum()
+        summary = {
+            "task": self.task_name,
+            "method": self.method_name,
+            "seed": self.config.trainer.seed,
+            "iterations": self.iteration,
+            "alpha": self.task.alpha,
+            "num_inference_steps": self.policy.num_steps,
+            **{k: v for k, v in metrics.items() if k not in ("optimum", "regret")},
+            "optimum": None if opt is None else opt.optimum,
+            "optimum_stderr": None if opt is None else opt.optimum_stderr,
+            "regret": metrics.get("regret"),
+            "target_mode_weights": None if opt is None or opt.mode_weights is None
+            else [round(w, 4) for w in opt.mode_weights],
+            "reward_queries": self.reward.queries,
+            "wall_seconds": round(self._wall_seconds(), 3),
+        }
+        if self.config.trainer.floor and hasattr(self.task, "sampling_floor") and opt is not None:
+            try:
+                floor = self.task.sampling_floor(self.policy.num_steps, n=self.config.trainer.eval_samples)
+                summary["floor"] = {k: floor[k] for k in ("reward_mean", "path_kl", "objective", "regret")}
+            except ConfigError:
+                pass
+        if self.accelerator.is_main_process:
+            _atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=2))
+            self._plot_curves()
+        return summary
+
+    def _plot_curves(self) -> None:
+        from .plotting import plot_curves
+
+        rows = [json.loads(line) for line in open(self._metrics_path())]
+        plot_curves([r for r in rows if r.get("kind") == "eval"], os.path.join(self.out_dir, "plots", "curves.png"),
+                    f"{self.method_name} on {self.task_name}")
+
+    def _log(self, row: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self._metrics_path(), "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            prefix = row["kind"]
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "iteration" and math.isfinite(value):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, row["iteration"])
+
+    def _metrics_path(self) -> str:
+        return os.path.join(self.out_dir, "metrics.jsonl")
+
+    def _write_config(self) -> None:
+        data = {"task_name": self.task_name, "method_name": self.method_name, "config": self.config.to_dict()}
+        _atomic_write_text(os.path.join(self.out_dir, "config.yaml"), yaml.safe_dump(data, sort_keys=False))
+
+    def _wall_seconds(self) -> float:
+        return self.elapsed_before + (time.time() - getattr(self, "_start", time.time()))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _truncate_metrics(path: str, iteration: int) -> None:
+    """Drop rows logged after ``iteration`` (written after the checkpoint being resumed)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by the kill
+            if row.get("iteration", 0) > iteration:
+                break
+            keep.append(line if line.endswith("\n") else line + "\n")
+    _atomic_write_text(path, "".join(keep))
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -50,10 +50,12 @@ def _print_config_help(run_config) -> None:
 
 def _train(args) -> int:
     from .config import load_yaml, parse_assignment
+    from .tasks import TaskConfig
     from .trainer import Trainer, default_config, make_task, method_class
 
     method_class(args.method)
-    run_config = default_config(args.method)
+    make_task(args.task, TaskConfig())  # fail fast on an unknown task name
+    run_config = default_config(args.method, args.task)
     if args.help_config:
         _print_config_help(run_config)
         return 0

@@ -79,26 +79,32 @@ class RunConfig:
     def all_keys(self) -> list[str]:
         return [f"{s}.{f.name}" for s, cfg in self.sections().items() for f in dataclasses.fields(cfg)]
 
-    def set(self, key: str, value: Any) -> None:
-        """Set one key (``section.field`` or a unique ``field``); value is a parsed or raw string value."""
+    def set(self, key: str, value: Any, raw: bool = True) -> None:
+        """Set one key (``section.field`` or a unique ``field``). With ``raw``, a string value is parsed as YAML
+        (``--set`` text); otherwise the value is taken as already typed (from a YAML file)."""
         section, name = self._resolve(key)
         cfg = getattr(self, section)
         fld = {f.name: f for f in dataclasses.fields(cfg)}[name]
-        if isinstance(value, str):
+        key = f"{section}.{name}"
+        if raw and isinstance(value, str):
+            text = value
             try:
-                value = yaml.safe_load(value) if value.strip() else value
+                value = yaml.safe_load(text) if text.strip() else text
             except yaml.YAMLError:
-                pass
-        setattr(self, section, dataclasses.replace(cfg, **{name: coerce(value, fld.type, f"{section}.{name}")}))
+                value = text
+            allowed, _ = _allowed_types(fld.type)
+            if str in allowed and value is not None and not isinstance(value, tuple(t for t in allowed if t is not str)):
+                value = text  # e.g. mixed_precision=no stays the string 'no'
+        setattr(self, section, dataclasses.replace(cfg, **{name: coerce(value, fld.type, key)}))
 
     def update(self, nested: dict) -> None:
         """Apply a nested dict {section: {field: value}} (as read from YAML) or flat {key: value}."""
         for key, value in nested.items():
             if key in self.SECTIONS and isinstance(value, dict):
                 for sub, v in value.items():
-                    self.set(f"{key}.{sub}", v)
+                    self.set(f"{key}.{sub}", v, raw=False)
             else:
-                self.set(key, value)
+                self.set(key, value, raw=False)
 
     def _resolve(self, key: str) -> tuple[str, str]:
         keys = self.all_keys()

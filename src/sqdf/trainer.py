@@ -78,8 +78,14 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def default_config(method: str) -> RunConfig:
-    return RunConfig(TrainerConfig(), method_class(method).config_class(), TaskConfig())
+def default_config(method: str, task: str | None = None) -> RunConfig:
+    """Defaults of the method's config, with the task's presets for that method applied (see tasks.PRESETS)."""
+    from .tasks import presets
+
+    config = RunConfig(TrainerConfig(), method_class(method).config_class(), TaskConfig())
+    if task is not None:
+        config.update(presets(task, method))
+    return config
 
 
 class Trainer:
@@ -181,6 +187,12 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=self.iteration + 1)
+        if self.accelerator.is_main_process and tcfg.progress:
+            m = self.config.method
+            print(f"sqdf: {self.method_name} on {self.task_name}: {tcfg.steps} iterations x {m.batch_size} chains x "
+                  f"{self.policy.num_steps} steps on {self.device} ({self.accelerator.num_processes} process(es)); "
+                  f"alpha={self.task.alpha}; run directory {self.out_dir}"
+                  + (f"; resuming at iteration {self.iteration}" if resumed else ""), flush=True)
         if not resumed:
             self._evaluate(plot_name="samples_000000_base.png")
         bar = None

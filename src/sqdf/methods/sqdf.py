@@ -34,6 +34,7 @@ class SQDFConfig(MethodConfig):
     kl_form: str = option("exact", "'exact': ||dmu||^2/(2 sigma^2) summed; 'official': mean over dims of "
                           "||dmu||^2/sigma^2 (the official code's scaling)")
     estimator: str = option("tweedie", f"x0 estimator for the soft value: one of {sorted(ESTIMATORS)}")
+    estimator_steps: int = option(10, "DDIM steps of the 'ode' estimator (probability-flow solve to t = 0)")
     buffer_size: int = option(1024, "replay buffer capacity (trajectories); must be >= batch_size")
     replay_ratio: int = option(1, "gradient steps per iteration")
     train_batch_size: int | None = option(None, "(chain, step) pairs per gradient step; None: batch_size")
@@ -76,7 +77,8 @@ class SQDF(Method):
 
     def __init__(self, config: SQDFConfig, policy, alpha: float):
         super().__init__(config, policy, alpha if config.alpha is None else config.alpha)
-        self.estimator = make_estimator(config.estimator)
+        kwargs = {"num_steps": config.estimator_steps} if config.estimator == "ode" else {}
+        self.estimator = make_estimator(config.estimator, **kwargs)
         self.buffer = ReplayBuffer(config.buffer_size, policy.num_steps, device=policy._device())
 
     def step_kl(self, mean: torch.Tensor, ref_mean: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -109,7 +111,7 @@ class SQDF(Method):
             loss, _, kl = self.pair_loss(x, k, cond, noise, ctx.reward)
             stats = ctx.optimizer_step(loss)
             losses.append(float(loss.detach()))
-            kls.append(float(kl.mean()))
+            kls.append(float(kl.detach().mean()))
             grad_norms.append(stats.get("grad_norm", float("nan")))
         n = len(losses)
         return {

@@ -1,7 +1,7 @@
 """Tasks: a base model, a reward, conditions and what is known of the optimum."""
 
 from .base import KnownOptimum, Task, TaskConfig
-from .builtin import TASKS
+from .builtin import PRESETS, TASKS, presets
 from .mixture_task import ExactTarget, MixtureTask
 
-__all__ = ["ExactTarget", "KnownOptimum", "MixtureTask", "TASKS", "Task", "TaskConfig"]
+__all__ = ["PRESETS", "presets", "ExactTarget", "KnownOptimum", "MixtureTask", "TASKS", "Task", "TaskConfig"]

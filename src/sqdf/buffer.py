@@ -49,6 +49,11 @@ class ReplayBuffer:
 
     def add(self, states: torch.Tensor, rewards: torch.Tensor, conds: torch.Tensor | None = None) -> None:
         """Insert B trajectories: states [B, T+1, *shape], rewards [B], conds [B, ...] or None."""
+        if states.shape[0] > self.capacity:  # only the newest `capacity` rows can stay
+            drop = states.shape[0] - self.capacity
+            self.inserted += drop
+            states, rewards = states[drop:], rewards[drop:]
+            conds = None if conds is None else conds[drop:]
         b = states.shape[0]
         if states.shape[1] != self.num_steps + 1:
             raise ValueError(f"states have {states.shape[1]} states per chain, the buffer expects {self.num_steps + 1}")

@@ -80,8 +80,8 @@ class DiffusionPolicy(nn.Module):
             self.__dict__["reference"] = reference
         else:
             self.__dict__["reference"] = None
-        self._abar = schedule.abar.to(torch.float32)
-        self._sigmas = schedule.sigmas.to(torch.float32)
+        self._abar = schedule.abar.to(torch.float64)  # cast to the state's dtype where used
+        self._sigmas = schedule.sigmas.to(torch.float64)
         self._timesteps = torch.tensor(schedule.timesteps, dtype=torch.long)
 
     # ---- networks -------------------------------------------------------------------------------------------
@@ -184,8 +184,8 @@ class DiffusionPolicy(nn.Module):
         return gaussian_kl(mean, s, ref_mean, s)
 
     def initial_noise(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        device = device if device is not None else self._abar.device
-        return torch.randn((n, *self.sample_shape), generator=generator, device=device)
+        device = device if device is not None else self._device()
+        return torch.randn((n, *self.sample_shape), generator=generator, device=device, dtype=self._dtype())
 
     @torch.no_grad()
     def sample(
@@ -205,7 +205,7 @@ class DiffusionPolicy(nn.Module):
         for k in range(self.num_steps):
             mean = self.step_mean(x, k, cond, which)
             sigma = self.sigma(k)
-            noise = torch.randn(x.shape, generator=generator, device=device)
+            noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
             x_next = mean + sigma * noise if sigma > 0 else mean
             if with_reference:
                 ref_mean = mean if which == "reference" else self.step_mean(x, k, cond, "reference")
@@ -226,6 +226,12 @@ class DiffusionPolicy(nn.Module):
         for b in self.buffers():
             return b.device
         return self._abar.device
+
+    def _dtype(self) -> torch.dtype:
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -45,6 +45,9 @@ def save_checkpoint(run_dir: str, iteration: int, state: dict, keep: int = 2) ->
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     _fsync_dir(folder)
+    for name in os.listdir(folder):  # temp files left by a run killed mid-write
+        if name.startswith(".ckpt_") and ".pt.tmp" in name and name != os.path.basename(tmp):
+            os.remove(os.path.join(folder, name))
     if keep > 0:
         for _, old in list_checkpoints(run_dir)[:-keep]:
             os.remove(old)

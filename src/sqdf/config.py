@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def option(default: Any, help: str, **kwargs) -> Any:  # noqa: A002 - mirrors argparse's name
@@ -54,6 +57,8 @@ def coerce(value: Any, annotation, key: str) -> Any:
             return value
         if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if typ is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
         if typ is str and isinstance(value, str):
             return value
         if typ is list and isinstance(value, (list, tuple)):

@@ -59,11 +59,12 @@ class TrainerConfig:
 
 
 def make_task(name: str, config: TaskConfig) -> Task:
+    config.validate()
     if name not in TASKS:
         import difflib
 
-        near = difflib.get_close_matches(name, list(TASKS), n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
+        near = sorted(difflib.get_close_matches(name, list(TASKS), n=3), key=list(TASKS).index)
+        hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
         raise ConfigError(f"unknown task {name!r}{hint} Known tasks: {', '.join(TASKS)} (see `sqdf tasks`)")
     return TASKS[name](config)
 
@@ -72,8 +73,8 @@ def method_class(name: str) -> type[Method]:
     if name not in METHODS:
         import difflib
 
-        near = difflib.get_close_matches(name, list(METHODS), n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
+        near = sorted(difflib.get_close_matches(name, list(METHODS), n=3), key=list(METHODS).index)
+        hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
         raise ConfigError(f"unknown method {name!r}{hint} Known methods: {', '.join(METHODS)}")
     return METHODS[name]
 

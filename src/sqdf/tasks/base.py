@@ -35,6 +35,24 @@ class TaskConfig:
     num_train_steps: int = field(default=1000, metadata={"help": "training timesteps N of the VP schedule"})
 
 
+    def validate(self) -> None:
+        import math
+
+        from ..errors import ConfigError
+
+        if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ConfigError(f"task.alpha={self.alpha} must be a positive number (it weights the KL; try 1.0)")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ConfigError(f"task.eta={self.eta} must be in [0, 1] (1 = DDPM posterior variance, 0 = DDIM)")
+        if self.num_inference_steps < 1 or self.num_inference_steps >= self.num_train_steps:
+            raise ConfigError(f"task.num_inference_steps={self.num_inference_steps} must be in "
+                              f"[1, task.num_train_steps={self.num_train_steps})")
+        if self.schedule not in ("linear", "cosine"):
+            raise ConfigError(f"task.schedule={self.schedule!r} must be 'linear' or 'cosine'")
+        if self.base not in ("exact", "mlp"):
+            raise ConfigError(f"task.base={self.base!r} must be 'exact' or 'mlp'")
+
+
 @dataclass
 class KnownOptimum:
     """What is known about the optimum of J = E[r] - alpha KL for a task."""

@@ -1,0 +1,30 @@
+"""Shared pytest setup: ``slow`` tests run only with ``--runslow``; ``gpu`` tests only where CUDA is available.
+
+The markers themselves are declared in pyproject.toml ([tool.pytest.ini_options] markers).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow (minutes each)")
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = config.getoption("--runslow")
+    skip_slow = pytest.mark.skip(reason="slow test: pass --runslow to run it")
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    has_cuda = False
+    if gpu_items:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)

@@ -21,13 +21,7 @@ from sqdf.cli import main
 QUIET = ["--set", "trainer.progress=false", "--set", "trainer.device=cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to slowdowns from an oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(run_dir) -> list[dict]:

@@ -13,6 +13,7 @@ import torch
 
 from .errors import ConfigError
 from .policy import DiffusionPolicy
+from .schedule import to_eps_and_x0
 
 
 class X0Estimator(ABC):
@@ -69,8 +70,6 @@ class ProbabilityFlowEstimator(X0Estimator):
                 pred = ref(x, t_now, cond)
             a_now = abar_all[t_now].to(x.dtype).view(view)
             a_next = abar_all[t_next].to(x.dtype).view(view)
-            from .schedule import to_eps_and_x0
-
             eps, x0 = to_eps_and_x0(pred, x, a_now, policy.prediction_type)
             x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
         return x

@@ -63,10 +63,6 @@ def mix25to9(config: TaskConfig) -> MixtureTask:
     def reward(x: torch.Tensor, cond=None) -> torch.Tensor:
         return target.log_prob(x) - prior.log_prob(x)
 
-    if config.alpha not in (None, 1.0):
-        from ..errors import ConfigError
-
-        raise ConfigError(f"task.alpha={config.alpha}: the 25->9 task is defined for alpha 1 only; drop the setting")
     return MixtureTask(prior, reward, 1.0, config, name="mix25to9",
                        description="25-mode prior to 9 unequal modes, reward log p9 - log p25 (RTB paper)",
                        exact_target=ExactTarget(target, 0.0))

@@ -59,6 +59,9 @@ class MixtureTask(Task):
         exact_target: ExactTarget | None = None,
     ):
         super().__init__(config or TaskConfig())
+        if exact_target is not None and self.config.alpha not in (None, alpha):
+            raise ConfigError(f"task.alpha={self.config.alpha}: task {name} has a known target only for "
+                              f"alpha={alpha}; drop the setting")
         if self.config.alpha is not None:
             alpha = self.config.alpha
         if not (alpha > 0 and math.isfinite(alpha)):
@@ -72,8 +75,6 @@ class MixtureTask(Task):
         self._tilt: TiltedMixture | None = None
         if isinstance(reward, QuadraticReward):
             self._tilt = tilt_mixture(base, reward, self._alpha)
-        if exact_target is not None and self.config.alpha not in (None, alpha):
-            raise ConfigError(f"task {name} has a known target only for its own alpha; do not set alpha")
         self._numeric: tuple[KnownOptimum, torch.Tensor] | None = None
         self._eval_targets: torch.Tensor | None = None
 

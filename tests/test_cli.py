@@ -93,7 +93,12 @@ def test_tasks_lists_every_task_with_its_optimum(capsys):
 def test_help_config_lists_keys_and_does_not_train(capsys, tmp_path):
     code, out, _ = _cli(capsys, "train", "gmm1", "--help-config", "--out", str(tmp_path / "never"))
     assert code == 0
-    assert "method.gamma = 0.97" in out  # the gmm1 preset applied to the default
+    from sqdf.methods import SQDFConfig
+    from sqdf.tasks import PRESETS
+
+    preset = PRESETS["gmm1"]["sqdf"]["method"]["gamma"]
+    assert preset != SQDFConfig().gamma
+    assert f"method.gamma = {preset}" in out  # the gmm1 preset applied to the default
     assert "trainer.steps = 300" in out and "task.eta = 1.0" in out
     assert not (tmp_path / "never").exists()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,7 +28,6 @@ class Trajectory:
     log_probs: torch.Tensor
     ref_log_probs: torch.Tensor
     kls: torch.Tensor
-    extras: dict = field(default_factory=dict)
 
     @property
     def samples(self) -> torch.Tensor:

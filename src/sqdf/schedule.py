@@ -197,12 +197,3 @@ class NoiseSchedule:
     def abar_at_train_step(self, t: torch.Tensor) -> torch.Tensor:
         """abar for integer training timesteps t (any shape), float64."""
         return self.alphas_cumprod.to(t.device)[t.long()]
-
-    def describe(self) -> dict:
-        return {
-            "kind": self.config.kind,
-            "num_train_steps": self.config.num_train_steps,
-            "num_inference_steps": self.num_steps,
-            "eta": self.eta,
-            "first_timesteps": self.timesteps[:3],
-        }

@@ -115,10 +115,3 @@ class ResidualDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.base(x, t, cond) + self.correction(x, t, cond)
-
-
-def mixture_from_denoiser(model: nn.Module) -> GaussianMixture | None:
-    """The mixture behind an exact-score denoiser, if it is one (used for diagnostics)."""
-    if isinstance(model, MixtureScoreDenoiser):
-        return GaussianMixture(model.means, model.covs, model.weights)
-    return None

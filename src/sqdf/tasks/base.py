@@ -113,12 +113,3 @@ class Task(ABC):
 
     def plot(self, samples: torch.Tensor, path: str, title: str = "") -> None:
         """Save a picture of samples against the target, when the task can draw one."""
-
-    def describe(self) -> dict:
-        opt = self.known_optimum()
-        return {
-            "name": self.name,
-            "description": self.description,
-            "alpha": self.alpha,
-            "optimum": None if opt is None else opt.optimum,
-        }

@@ -63,3 +63,27 @@ def log_mean_exp(values: torch.Tensor) -> tuple[float, float]:
     mean_w = w.mean()
     se_w = w.std(unbiased=True) / math.sqrt(v.numel())
     return float(m + torch.log(mean_w)), float(se_w / mean_w)
+
+
+def knn_entropy(x: torch.Tensor, k: int = 5, chunk: int = 1024) -> float:
+    """Kozachenko-Leonenko estimate of the differential entropy (nats) of the law of x [n, d]:
+    H = psi(n) - psi(k) + log V_d + (d/n) sum_i log eps_i, eps_i the distance to the k-th nearest neighbour and
+    V_d the volume of the unit d-ball. Consistent as n grows; O(n^2) distances, computed in row chunks."""
+    x = x.detach().flatten(1).to(torch.float64)
+    n, d = x.shape
+    if n <= k:
+        raise ValueError(f"knn_entropy needs more than k={k} samples, got {n}")
+    dists = []
+    for start in range(0, n, chunk):
+        block = torch.cdist(x[start:start + chunk], x)
+        # the k+1 smallest include the point itself (distance 0)
+        dists.append(block.topk(k + 1, dim=1, largest=False).values[:, k])
+    eps = torch.cat(dists).clamp(min=1e-300)
+    log_unit_ball = (d / 2) * math.log(math.pi) - math.lgamma(d / 2 + 1)
+    return float(torch.special.digamma(torch.tensor(float(n))) - torch.special.digamma(torch.tensor(float(k)))
+                 + log_unit_ball + d * torch.log(eps).mean())
+
+
+def sample_kl(x: torch.Tensor, log_p: torch.Tensor, k: int = 5) -> float:
+    """KL(q || p) estimated from samples x [n, d] of q and the exact log p(x) [n]: -H_knn(q) - E_q[log p]."""
+    return -knn_entropy(x, k) - float(log_p.detach().to(torch.float64).mean())

@@ -50,7 +50,7 @@ def plot_curves(eval_rows: list[dict], path: str, title: str = "") -> None:
     keys = [k for k in ("reward_mean", "path_kl", "regret", "mode_tv", "energy_distance") if k in eval_rows[0]]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
     for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
-        ax.plot(q, [r[key] for r in eval_rows], marker="o", ms=3)
+        ax.plot(q, [float("nan") if r.get(key) is None else r[key] for r in eval_rows], marker="o", ms=3)
         ax.set_xlabel("reward queries")
         ax.set_title(key)
         ax.grid(alpha=0.3)

@@ -33,8 +33,11 @@ class TrainerConfig:
     """How a run is driven: length, seed, evaluation, checkpoints, devices and logging."""
 
     steps: int = option(150, "training iterations")
+    max_queries: int = option(0, "stop once this many training reward queries are spent (0: no limit); "
+                              "`sqdf bench` uses it to give every method the same budget")
     seed: int = option(0, "seed of every random number in the run")
     eval_every: int = option(50, "evaluate every N iterations (and at the end); 0: only at the end")
+    eval_every_queries: int = option(0, "also evaluate each time the query count passes a multiple of N (0: off)")
     eval_samples: int = option(4096, "samples drawn for each evaluation")
     checkpoint_every: int = option(25, "write a checkpoint every N iterations (and at the end)")
     keep_checkpoints: int = option(2, "newest checkpoints kept on disk")
@@ -50,8 +53,9 @@ class TrainerConfig:
         for name in ("steps", "eval_samples", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 1")
-        if self.eval_every < 0:
-            raise ConfigError(f"trainer.eval_every={self.eval_every} must be >= 0")
+        for name in ("eval_every", "eval_every_queries", "max_queries"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"trainer.device={self.device!r} must be 'auto', 'cpu' or 'cuda'")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -115,12 +119,16 @@ class Trainer:
         model = self.task.build_policy_model(reference)
         self.policy = DiffusionPolicy(model, schedule, self.task.sample_shape, reference=reference).to(self.device)
         self.reward = CheckedReward(self.task.reward, name=f"{task_name} reward")
+        self.inference_reward = CheckedReward(self.task.reward, name=f"{task_name} reward")
         self.method: Method = cls(config.method, self.policy, self.task.alpha)
-        params = self.method.parameters()
-        if not params:
-            raise ConfigError(f"method {method_name} found no trainable parameters in the policy")
-        self.optimizer = torch.optim.AdamW(params, lr=config.method.lr, weight_decay=config.method.weight_decay)
-        self.policy.model, self.optimizer = self.accelerator.prepare(self.policy.model, self.optimizer)
+        self.method.to(self.device)
+        self.optimizer = None
+        if self.method.trains:
+            if not self.method.parameters():
+                raise ConfigError(f"method {method_name} found no trainable parameters in the policy")
+            self.optimizer = torch.optim.AdamW(self.method.param_groups(), lr=config.method.lr,
+                                               weight_decay=config.method.weight_decay)
+            self.policy.model, self.optimizer = self.accelerator.prepare(self.policy.model, self.optimizer)
         self.generator = torch.Generator(device=self.device).manual_seed(tcfg.seed + 1)
         self.iteration = 0
         self.elapsed_before = 0.0
@@ -149,7 +157,7 @@ class Trainer:
         return {
             "iteration": self.iteration,
             "model": self.accelerator.unwrap_model(self.policy.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "method": self.method.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -161,7 +169,8 @@ class Trainer:
 
     def load_state(self, state: dict) -> None:
         self.accelerator.unwrap_model(self.policy.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
         self.generator.set_state(state["generator"].cpu())
         torch.set_rng_state(state["torch_rng"])
@@ -197,13 +206,15 @@ class Trainer:
         if not resumed:
             self._evaluate(plot_name="samples_000000_base.png")
         bar = None
-        if tcfg.progress and self.accelerator.is_main_process:
+        if tcfg.progress and self.accelerator.is_main_process and self.method.trains:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=tcfg.steps, initial=self.iteration, desc=f"{self.method_name} on {self.task_name}")
-        while self.iteration < tcfg.steps:
-            ctx = IterationContext(self.iteration, self.generator, self._rollout, self.reward, self._optimizer_step)
+        while self.method.trains and self.iteration < tcfg.steps and not self._budget_spent():
+            ctx = IterationContext(self.iteration, self.generator, self._rollout, self.reward, self._optimizer_step,
+                                   self._conditions)
             self._last_rollout_reward = float("nan")
+            queries_before = self.reward.queries
             stats = self.method.train_iteration(ctx)
             self.iteration += 1
             if self.iteration % tcfg.log_every == 0:
@@ -213,8 +224,10 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{self._last_rollout_reward:.3f}")
-            final = self.iteration == tcfg.steps
-            if final or (tcfg.eval_every and self.iteration % tcfg.eval_every == 0):
+            final = self.iteration == tcfg.steps or self._budget_spent()
+            every_q = tcfg.eval_every_queries
+            crossed = every_q and self.reward.queries // every_q > queries_before // every_q
+            if final or crossed or (tcfg.eval_every and self.iteration % tcfg.eval_every == 0):
                 self._evaluate(plot_name=f"samples_{self.iteration:06d}.png")
             if final or self.iteration % tcfg.checkpoint_every == 0:
                 if self.accelerator.is_main_process:
@@ -225,6 +238,13 @@ class Trainer:
         if self._tb is not None:
             self._tb.close()
         return summary
+
+    def _budget_spent(self) -> bool:
+        budget = self.config.trainer.max_queries
+        return budget > 0 and self.reward.queries >= budget
+
+    def _conditions(self, n: int):
+        return self.task.sample_conditions(n, self.generator)
 
     def _rollout(self, n: int) -> Rollout:
         cond = self.task.sample_conditions(n, self.generator)
@@ -239,7 +259,7 @@ class Trainer:
         if not torch.isfinite(loss):
             raise ConfigError(f"the loss became {float(loss)} at iteration {self.iteration}; lower method.lr")
         self.accelerator.backward(loss)
-        params = self.method.parameters()
+        params = [p for group in self.method.param_groups() for p in group["params"]]
         max_norm = self.config.method.max_grad_norm
         if max_norm > 0:
             norm = self.accelerator.clip_grad_norm_(params, max_norm)
@@ -251,22 +271,30 @@ class Trainer:
 
     # ---- evaluation and logging ----------------------------------------------------------------------------
     def evaluate(self, n: int | None = None) -> tuple[dict, torch.Tensor]:
-        """Metrics of the current policy on n fresh samples (fixed evaluation noise; counts no queries)."""
+        """Metrics of the method's samples on n fresh draws (fixed evaluation noise). Scoring them counts no
+        training queries; what an inference-time method spends while sampling is reported per sample."""
         tcfg: TrainerConfig = self.config.trainer
         n = n or tcfg.eval_samples
         g = torch.Generator(device=self.device).manual_seed(tcfg.seed * 1_000_003 + 7919)
         cond = self.task.sample_conditions(n, g)
         self.policy.eval()
-        traj = self.policy.sample(n, cond, g)
+        spent_before = self.inference_reward.queries
+        gen = self.method.generate(n, cond, g, self.inference_reward)
+        queries_per_sample = (self.inference_reward.queries - spent_before) / n
         with torch.no_grad():
-            rewards = self.reward(traj.samples, cond, count=False)
-        out = objective_terms(rewards, traj.path_kl, self.task.alpha)
+            rewards = self.reward(gen.samples, cond, count=False)
+        path_kl = gen.path_kl if gen.path_kl is not None else torch.full_like(rewards, float("nan"))
+        out = objective_terms(rewards, path_kl, self.task.alpha)
+        if gen.path_kl is None:  # no exact path KL for this sampler: J and regret are not defined per path
+            out.update({key: None for key in ("path_kl", "path_kl_stderr", "objective", "objective_stderr")})
+        out["kl_note"] = gen.kl_note
+        out["queries_per_sample"] = queries_per_sample
         opt = self.task.known_optimum()
         if opt is not None:
             out["optimum"] = opt.optimum
-            out["regret"] = opt.optimum - out["objective"]
-        out.update(self.task.evaluate(traj.samples, cond))
-        return out, traj.samples
+            out["regret"] = None if out["objective"] is None else opt.optimum - out["objective"]
+        out.update(self.task.evaluate(gen.samples, cond))
+        return out, gen.samples
 
     def _evaluate(self, plot_name: str) -> dict:
         metrics, samples = self.evaluate()
@@ -277,6 +305,7 @@ class Trainer:
             title = f"{self.method_name} on {self.task_name}, iteration {self.iteration}"
             self.task.plot(samples, os.path.join(self.out_dir, "plots", plot_name), title)
         self._last_eval = metrics
+        self._last_samples = samples
         return metrics
 
     def _summary(self) -> dict:
@@ -306,8 +335,21 @@ class Trainer:
                 pass
         if self.accelerator.is_main_process:
             _atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=2))
+            self._save_samples()
             self._plot_curves()
         return summary
+
+    def _save_samples(self) -> None:
+        """The final evaluation's samples as DIR/samples.safetensors (key 'samples', [n, *shape] float32)."""
+        from safetensors.torch import save_file
+
+        samples = getattr(self, "_last_samples", None)
+        if samples is None:
+            return
+        path = os.path.join(self.out_dir, "samples.safetensors")
+        tmp = f"{path}.tmp{os.getpid()}"
+        save_file({"samples": samples.detach().to(torch.float32).cpu().contiguous()}, tmp)
+        os.replace(tmp, path)
 
     def _plot_curves(self) -> None:
         from .plotting import plot_curves

@@ -1,8 +1,12 @@
 """What a method is: a config dataclass and a training iteration that uses tools the Trainer hands it.
 
 The Trainer calls ``method.train_iteration(ctx)`` once per iteration. The method draws samples through
-``ctx.rollout(n)`` (scored and counted), evaluates the reward through ``ctx.reward`` (counted), and applies
-gradient steps through ``ctx.optimizer_step(loss)`` as often as it likes. It never sees the Trainer itself.
+``ctx.rollout(n)`` (scored and counted), evaluates the reward through ``ctx.reward`` (counted), draws conditions
+through ``ctx.conditions(n)`` when it samples by itself, and applies gradient steps through
+``ctx.optimizer_step(loss)`` as often as it likes. It never sees the Trainer itself.
+
+Evaluation draws samples through ``method.generate``: the policy's sampler for trained methods; inference-time
+methods (``trains = False``: best-of-N, FK steering) override it and spend reward queries per sample there.
 """
 
 from __future__ import annotations
@@ -53,6 +57,20 @@ class IterationContext:
     rollout: Callable[[int], Rollout]  # sample n chains with the policy, score them (counts n queries)
     reward: Callable  # reward(x, cond) -> [B], differentiable where the task is; counts B queries per call
     optimizer_step: Callable[[torch.Tensor], dict]  # backward, clip, step, zero_grad; returns {"grad_norm": ..}
+    conditions: Callable[[int], "torch.Tensor | None"] = lambda n: None  # task conditions for n samples
+
+
+@dataclass
+class Generated:
+    """Final samples [n, *shape] of a method's sampler with their path KL to the reference [n].
+
+    ``path_kl`` is None when the sampler's law has no per-sample path KL that can be computed (FK steering);
+    ``kl_note`` says how it was obtained.
+    """
+
+    samples: torch.Tensor
+    path_kl: torch.Tensor | None
+    kl_note: str = "exact: sum of per-step Gaussian KLs"
 
 
 class Method(ABC):
@@ -60,6 +78,7 @@ class Method(ABC):
 
     name: ClassVar[str] = "method"
     config_class: ClassVar[type] = MethodConfig
+    trains: ClassVar[bool] = True  # False: an inference-time method (no optimizer, no training loop)
 
     def __init__(self, config: MethodConfig, policy: DiffusionPolicy, alpha: float):
         config.validate()
@@ -71,9 +90,22 @@ class Method(ABC):
         """Parameters the optimizer updates."""
         return self.policy.trainable_parameters()
 
+    def to(self, device) -> "Method":
+        """Move auxiliary networks the method owns (value heads, ...) to the device; the policy is moved apart."""
+        return self
+
+    def param_groups(self) -> list[dict]:
+        """AdamW parameter groups (override to give auxiliary networks their own learning rate)."""
+        return [{"params": self.parameters()}]
+
+    def generate(self, n: int, cond, generator: torch.Generator, reward: Callable) -> Generated:
+        """n final samples for evaluation. ``reward`` counts the queries an inference-time method spends."""
+        traj = self.policy.sample(n, cond, generator)
+        return Generated(traj.samples, traj.path_kl)
+
     @abstractmethod
     def train_iteration(self, ctx: IterationContext) -> dict[str, float]:
-        """One iteration of training; returns scalar metrics to log."""
+        """One iteration of training; returns scalar metrics to log (inference-time methods: never called)."""
 
     def state_dict(self) -> dict:
         """Method state beyond the policy and optimizer (e.g. a replay buffer), for checkpoints."""
@@ -81,3 +113,15 @@ class Method(ABC):
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class InferenceMethod(Method):
+    """A method that trains nothing and spends its reward queries while sampling (in ``generate``)."""
+
+    trains = False
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def train_iteration(self, ctx: IterationContext) -> dict[str, float]:
+        raise RuntimeError(f"{self.name} is an inference-time method; it has no training iterations")

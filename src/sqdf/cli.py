@@ -1,4 +1,4 @@
-"""Command line: ``sqdf train``, ``sqdf resume``, ``sqdf tasks``.
+"""Command line: ``sqdf train``, ``sqdf resume``, ``sqdf tasks``, ``sqdf bench``.
 
 Bad input (unknown task, method or key, out-of-range values, a broken reward, a missing or corrupt checkpoint)
 prints one message naming the value and the fix, and exits with code 2.
@@ -38,6 +38,24 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, help="extend the run to this many iterations")
 
     sub.add_parser("tasks", help="list the built-in tasks and their known optima")
+
+    from . import bench
+
+    b = sub.add_parser("bench", help="compare methods on tasks over seeds at the same training reward-query budget")
+    b.add_argument("tasks", nargs="*", metavar="TASK",
+                   help=f"tasks, space- or comma-separated (default: {' '.join(bench.DEFAULT_TASKS)})")
+    b.add_argument("--methods", help="comma-separated methods (default: every registered method)")
+    b.add_argument("--queries", type=int, default=bench.DEFAULT_QUERIES,
+                   help=f"training reward queries per run (default: {bench.DEFAULT_QUERIES})")
+    b.add_argument("--seeds", type=int, default=bench.DEFAULT_SEEDS,
+                   help=f"seeds 0..K-1 per task and method (default: {bench.DEFAULT_SEEDS})")
+    b.add_argument("--out", help="output folder (default: runs/bench-TIMESTAMP); re-run to finish an interrupted bench")
+    b.add_argument("--jobs", type=int, default=bench.DEFAULT_JOBS,
+                   help=f"parallel runs, capped to the CPU count (default: {bench.DEFAULT_JOBS}; 1: in-process)")
+    b.add_argument("--eval-samples", type=int, default=bench.DEFAULT_EVAL_SAMPLES,
+                   help=f"samples per evaluation (default: {bench.DEFAULT_EVAL_SAMPLES})")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key in every run, e.g. --set task.num_inference_steps=50 (repeatable)")
     return p
 
 
@@ -117,9 +135,33 @@ def _tasks(_args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import run_bench
+
+    try:
+        result = run_bench(args.tasks, [args.methods] if args.methods else None, args.queries, args.seeds, args.out,
+                           args.jobs, args.eval_samples, args.overrides)
+    except KeyboardInterrupt:
+        print("sqdf: interrupted; finished runs are kept: run the same command again to finish the bench",
+              file=sys.stderr)
+        return 130
+    print()
+    print(result.table)
+    print("written:")
+    for path in result.written:
+        print(f"  {path}")
+    if result.failed:
+        print(f"sqdf bench: {len(result.failed)} of {len(result.rows)} runs failed (error.txt in each run directory):",
+              file=sys.stderr)
+        for row in result.failed:
+            print(f"  {row['task']}/{row['method']}/seed{row['seed']}: {row['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "resume": _resume, "tasks": _tasks}
+    handlers = {"train": _train, "resume": _resume, "tasks": _tasks, "bench": _bench}
     try:
         return handlers[args.command](args)
     except SqdfError as exc:

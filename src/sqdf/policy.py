@@ -175,6 +175,13 @@ class DiffusionPolicy(nn.Module):
             ref_mean = self.step_mean(x, k, cond, "reference")
         return mean + self.sigma_of(x, k) * noise, mean, ref_mean
 
+    def step_log_prob(
+        self, x: torch.Tensor, x_next: torch.Tensor, k, cond: torch.Tensor | None = None, which: str = "policy"
+    ) -> torch.Tensor:
+        """log N(x_next; mean_k(x), sigma_k^2 I) of the chosen network, [B]; differentiable in its parameters."""
+        mean, std = self.step_distribution(x, k, cond, which)
+        return gaussian_log_prob(x_next, mean, std)
+
     def step_kl(self, mean: torch.Tensor, ref_mean: torch.Tensor, k) -> torch.Tensor:
         """Exact KL(policy step || reference step) = ||mean - ref_mean||^2 / (2 sigma_k^2), [B]."""
         s = self.sigma_of(mean, k)

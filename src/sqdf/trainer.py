@@ -246,8 +246,9 @@ class Trainer:
     def _conditions(self, n: int):
         return self.task.sample_conditions(n, self.generator)
 
-    def _rollout(self, n: int) -> Rollout:
-        cond = self.task.sample_conditions(n, self.generator)
+    def _rollout(self, n: int, cond=None) -> Rollout:
+        if cond is None:
+            cond = self.task.sample_conditions(n, self.generator)
         self.policy.eval()
         traj = self.policy.sample(n, cond, self.generator)
         with torch.no_grad():
@@ -259,12 +260,17 @@ class Trainer:
         if not torch.isfinite(loss):
             raise ConfigError(f"the loss became {float(loss)} at iteration {self.iteration}; lower method.lr")
         self.accelerator.backward(loss)
-        params = [p for group in self.method.param_groups() for p in group["params"]]
         max_norm = self.config.method.max_grad_norm
-        if max_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(params, max_norm)
-        else:
-            norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        norms = []  # each parameter group (policy, value head, ...) is clipped on its own
+        for group in self.method.param_groups():
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if max_norm > 0:
+                norms.append(self.accelerator.clip_grad_norm_(params, max_norm))
+            else:
+                norms.append(torch.norm(torch.stack([p.grad.norm() for p in params])))
+        norm = norms[0] if norms else torch.tensor(0.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float(norm)}

@@ -1,8 +1,21 @@
 """Fine-tuning methods, each one module with one config dataclass. Register new ones in METHODS."""
 
 from .base import Generated, InferenceMethod, IterationContext, Method, MethodConfig, Rollout
+from .best_of_n import BestOfN, BestOfNConfig
+from .ddpo import DDPO, DDPOConfig
+from .direct_backprop import AlignProp, AlignPropConfig, DRaFT, DRaFTConfig, ReFL, ReFLConfig
+from .dpok import DPOK, DPOKConfig
+from .fk_steering import FKSteering, FKSteeringConfig
+from .prdp import PRDP, PRDPConfig
 from .sqdf import SQDF, SQDFConfig
 
-METHODS: dict[str, type[Method]] = {SQDF.name: SQDF}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (SQDF, DDPO, DPOK, DRaFT, AlignProp, ReFL, PRDP, BestOfN, FKSteering)
+}
 
-__all__ = ["Generated", "InferenceMethod", "IterationContext", "METHODS", "Method", "MethodConfig", "Rollout", "SQDF", "SQDFConfig"]
+__all__ = [
+    "METHODS", "Generated", "InferenceMethod", "IterationContext", "Method", "MethodConfig", "Rollout",
+    "SQDF", "SQDFConfig", "DDPO", "DDPOConfig", "DPOK", "DPOKConfig", "DRaFT", "DRaFTConfig", "AlignProp",
+    "AlignPropConfig", "ReFL", "ReFLConfig", "PRDP", "PRDPConfig", "BestOfN", "BestOfNConfig", "FKSteering",
+    "FKSteeringConfig",
+]

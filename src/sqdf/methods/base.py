@@ -29,7 +29,7 @@ class MethodConfig:
     batch_size: int = option(64, "trajectories sampled (and scored) per iteration")
     lr: float = option(1e-3, "AdamW learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "gradient-norm clip; <= 0 disables clipping")
+    max_grad_norm: float = option(1.0, "gradient-norm clip (per parameter group); <= 0 disables clipping")
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -54,7 +54,7 @@ class IterationContext:
 
     iteration: int
     generator: torch.Generator  # all randomness of the method must come from here (exact resume)
-    rollout: Callable[[int], Rollout]  # sample n chains with the policy, score them (counts n queries)
+    rollout: Callable[..., Rollout]  # rollout(n, cond=None): n chains of the policy, scored (counts n queries)
     reward: Callable  # reward(x, cond) -> [B], differentiable where the task is; counts B queries per call
     optimizer_step: Callable[[torch.Tensor], dict]  # backward, clip, step, zero_grad; returns {"grad_norm": ..}
     conditions: Callable[[int], "torch.Tensor | None"] = lambda n: None  # task conditions for n samples

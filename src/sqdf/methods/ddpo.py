@@ -1,0 +1,132 @@
+"""DDPO (Black et al. 2023): PPO-clip on per-step log-prob ratios with a black-box reward.
+
+Per iteration: sample B chains with the current policy (no grad), score them, turn rewards into advantages
+normalized per condition (a running window of the last ``stat_buffer_size`` rewards of each condition, once it
+holds ``stat_min_count``; the batch's statistics before that), clip them to +-``adv_clip_max``, then run
+``num_inner_epochs`` passes over the batch, split into ``num_minibatches`` groups of chains; each gradient step
+minimizes, over every (chain, step) pair of its group,
+
+    L = mean max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)),   ratio = pi_theta(x_{k+1}|x_k) / pi_old(x_{k+1}|x_k).
+
+``kl_coef > 0`` shapes the reward to r - kl_coef * path KL (the KL-regularized objective as a black-box reward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import option
+from ..errors import ConfigError
+from .base import IterationContext, Method, MethodConfig
+from .common import condition_keys, repeat_cond, transition_batch
+
+
+@dataclass
+class DDPOConfig(MethodConfig):
+    """Hyperparameters of DDPO (defaults: kvablack/ddpo-pytorch, except the learning rate of a full MLP)."""
+
+    lr: float = option(1e-4, "AdamW learning rate")
+    clip_range: float = option(1e-4, "PPO clip eps on the per-step probability ratio")
+    adv_clip_max: float = option(10.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
+    num_inner_epochs: int = option(2, "passes over each sampled batch")
+    num_minibatches: int = option(1, "gradient steps per pass (the chains are split into this many groups)")
+    stat_buffer_size: int = option(16, "rewards kept per condition for advantage normalization")
+    stat_min_count: int = option(16, "rewards a condition needs before its own statistics are used")
+    kl_coef: float = option(0.0, "reward shaping r - kl_coef * path KL; 0 is the original DDPO")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.clip_range > 0:
+            raise ConfigError(f"method.clip_range={self.clip_range} must be > 0")
+        if not self.adv_clip_max > 0:
+            raise ConfigError(f"method.adv_clip_max={self.adv_clip_max} must be > 0")
+        if self.num_inner_epochs < 1:
+            raise ConfigError(f"method.num_inner_epochs={self.num_inner_epochs} must be >= 1")
+        if not 1 <= self.num_minibatches <= self.batch_size:
+            raise ConfigError(f"method.num_minibatches={self.num_minibatches} must be in [1, method.batch_size]")
+        if self.stat_buffer_size < 1 or self.stat_min_count < 1:
+            raise ConfigError("method.stat_buffer_size and method.stat_min_count must be >= 1")
+        if self.kl_coef < 0:
+            raise ConfigError(f"method.kl_coef={self.kl_coef} must be >= 0")
+
+
+def ppo_clip_loss(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """mean max(-A r, -A clip(r, 1-eps, 1+eps)) with r = exp(log_ratio); log_ratio, advantages [N]."""
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped).mean()
+
+
+class PerConditionStatTracker:
+    """Normalizes rewards per condition with a window of its last ``buffer_size`` rewards (DDPO's tracker)."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.history: dict = {}
+
+    def advantages(self, rewards: torch.Tensor, keys: list) -> torch.Tensor:
+        """(r - mean) / (std + 1e-6) per condition; rewards [B] -> [B] (float64 statistics)."""
+        r = rewards.detach().to(torch.float64).cpu()
+        out = torch.empty_like(r)
+        batch_mean, batch_std = r.mean(), r.std(unbiased=False)
+        for key in dict.fromkeys(keys):
+            idx = torch.tensor([i for i, k in enumerate(keys) if k == key])
+            window = (self.history.get(key, []) + r[idx].tolist())[-self.buffer_size:]
+            self.history[key] = window
+            if len(window) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                w = torch.tensor(window, dtype=torch.float64)
+                mean, std = w.mean(), w.std(unbiased=False)
+            out[idx] = (r[idx] - mean) / (std + 1e-6)
+        return out.to(rewards.device, rewards.dtype)
+
+    def state_dict(self) -> dict:
+        return {"history": [[list(k) if k is not None else None, v] for k, v in self.history.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {(tuple(k) if k is not None else None): list(v) for k, v in state["history"]}
+
+
+class DDPO(Method):
+    name = "ddpo"
+    config_class = DDPOConfig
+
+    def __init__(self, config: DDPOConfig, policy, alpha: float):
+        super().__init__(config, policy, alpha)
+        self.tracker = PerConditionStatTracker(config.stat_buffer_size, config.stat_min_count)
+
+    def train_iteration(self, ctx: IterationContext) -> dict[str, float]:
+        cfg = self.config
+        roll = ctx.rollout(cfg.batch_size)
+        traj = roll.trajectory
+        shaped = roll.rewards - cfg.kl_coef * traj.path_kl.to(roll.rewards.dtype)
+        adv = self.tracker.advantages(shaped, condition_keys(traj.cond, traj.batch_size))
+        adv = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+        T = self.policy.num_steps
+        self.policy.train()
+        losses, fracs, grad_norms = [], [], []
+        for _ in range(cfg.num_inner_epochs):
+            perm = torch.randperm(traj.batch_size, generator=ctx.generator, device=ctx.generator.device)
+            for chains in perm.to(traj.states.device).chunk(cfg.num_minibatches):
+                x, x_next, k = transition_batch(traj.states, chains)
+                cond = repeat_cond(traj.cond, chains, T)
+                log_prob = self.policy.step_log_prob(x, x_next, k, cond)
+                log_ratio = log_prob - traj.log_probs[chains].reshape(-1)
+                loss = ppo_clip_loss(log_ratio, adv[chains].repeat_interleave(T), cfg.clip_range)
+                stats = ctx.optimizer_step(loss)
+                losses.append(float(loss.detach()))
+                fracs.append(float(((log_ratio.detach().exp() - 1).abs() > cfg.clip_range).float().mean()))
+                grad_norms.append(stats["grad_norm"])
+        n = len(losses)
+        return {"loss": sum(losses) / n, "clip_fraction": sum(fracs) / n, "grad_norm": sum(grad_norms) / n,
+                "path_kl": float(traj.path_kl.mean())}
+
+    def state_dict(self) -> dict:
+        return {"tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state["tracker"])

@@ -470,7 +470,7 @@ def plot_tradeoff(grouped: dict[str, dict[str, list[dict]]], tasks: dict, path: 
             ax.errorbar(kl.mean, reward.mean, xerr=kl.sd or 0.0, yerr=reward.sd or 0.0, fmt="o", capsize=3,
                         color=f"C{k % 10}", label=method + ("" if kind == "path_kl" else " (x0 KL: no path KL)"))
         task = tasks.get(name)
-        opt = task.known_optimum() if task is not None else None
+        opt = _known_optimum(task)
         if opt is not None and opt.kl is not None and opt.reward_mean is not None:
             import numpy as np
 
@@ -486,6 +486,14 @@ def plot_tradeoff(grouped: dict[str, dict[str, list[dict]]], tasks: dict, path: 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _known_optimum(task):
+    """task.known_optimum(), or None when the task has none or computing it fails (e.g. a reward that raises)."""
+    try:
+        return None if task is None else task.known_optimum()
+    except Exception:  # noqa: BLE001 - the panel is drawn without the optimum
+        return None
 
 
 def _seed0_samples(rows):
@@ -536,24 +544,26 @@ def plot_samples_grid(name: str, task, by_method: dict[str, list[dict]], path: s
     plt.close(fig)
 
 
-def write_plots(rows, tasks: dict, methods, plots_dir: str) -> list[str]:
-    """All plots of the bench into plots_dir; returns the paths written. tasks: name -> Task."""
+def write_plots(rows, tasks: dict, methods, plots_dir: str, log=print) -> list[str]:
+    """All plots of the bench into plots_dir (tasks with no successful run are left out); returns the paths
+    written. tasks: name -> Task. A plot that fails is reported through log and skipped."""
     from .methods import METHODS
 
-    grouped = {t: {m: ms[m] for m in methods if m in ms} for t, ms in group_rows(rows).items()}
+    grouped = {t: {m: ms[m] for m in methods if m in ms} for t, ms in group_rows(rows).items()
+               if _ok(r for rs in ms.values() for r in rs)}
     trains = {m: getattr(METHODS.get(m), "trains", True) for m in methods}
+    jobs = [(os.path.join(plots_dir, f"regret_vs_queries_{t}.png"), plot_regret_curves, (t, g, trains))
+            for t, g in grouped.items()]
+    jobs.append((os.path.join(plots_dir, "tradeoff.png"), plot_tradeoff, (grouped, tasks)))
+    jobs += [(os.path.join(plots_dir, f"samples_{t}.png"), plot_samples_grid, (t, tasks[t], g))
+             for t, g in grouped.items()]
     paths = []
-    for name, by_method in grouped.items():
-        path = os.path.join(plots_dir, f"regret_vs_queries_{name}.png")
-        plot_regret_curves(name, by_method, trains, path)
-        paths.append(path)
-    path = os.path.join(plots_dir, "tradeoff.png")
-    plot_tradeoff(grouped, tasks, path)
-    paths.append(path)
-    for name, by_method in grouped.items():
-        path = os.path.join(plots_dir, f"samples_{name}.png")
-        plot_samples_grid(name, tasks[name], by_method, path)
-        paths.append(path)
+    for path, plot, args in jobs:
+        try:
+            plot(*args, path)
+            paths.append(path)
+        except Exception as exc:  # noqa: BLE001 - the runs, results.json and table.md are worth more than a plot
+            log(f"sqdf bench: warning: {os.path.basename(path)} failed ({type(exc).__name__}: {exc})")
     return paths
 
 
@@ -584,7 +594,6 @@ def run_bench(tasks=None, methods=None, queries: int = DEFAULT_QUERIES, seeds: i
     """Run (or reuse) every method on every task for seeds 0..seeds-1 and write results.json, table.md and the
     plots into out. Bad names or values raise ConfigError before anything runs; failed runs become error rows."""
     from .methods import METHODS
-    from .trainer import method_class
 
     tasks = split_names(tasks) or list(DEFAULT_TASKS)
     methods = split_names(methods) or list(METHODS)
@@ -593,8 +602,6 @@ def run_bench(tasks=None, methods=None, queries: int = DEFAULT_QUERIES, seeds: i
             raise ConfigError(f"{name} {value} must be >= 1")
     out = out or DEFAULT_OUT.format(timestamp=time.strftime("%Y%m%d-%H%M%S"))
     overrides = list(overrides)
-    for method in methods:
-        method_class(method)
     for item, where in override_scope(methods, overrides).items():
         if len(where) < len(methods):
             log(f"sqdf bench: --set {item} applies only to {', '.join(where)} (the other methods have no such key)")
@@ -628,7 +635,7 @@ def run_bench(tasks=None, methods=None, queries: int = DEFAULT_QUERIES, seeds: i
         from .trainer import make_task
 
         task_objects = {t: make_task(t, _task_config(specs, t)) for t in tasks}
-        written += write_plots(rows, task_objects, methods, os.path.join(out, "plots"))
+        written += write_plots(rows, task_objects, methods, os.path.join(out, "plots"), log)
     failed = [r for r in rows if "error" in r]
     return BenchResult(rows, table, written, failed, len(done))
 

@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-samples", type=int, default=bench.DEFAULT_EVAL_SAMPLES,
                    help=f"samples per evaluation (default: {bench.DEFAULT_EVAL_SAMPLES})")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key in every run, e.g. --set task.num_inference_steps=50 (repeatable)")
+                   help="override one config key in every run whose method has it, e.g. --set "
+                   "task.num_inference_steps=50 (repeatable)")
     return p
 
 

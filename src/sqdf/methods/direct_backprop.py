@@ -11,8 +11,8 @@ differentiable reward, and minimize
 - ReFL (Xu et al. 2023): stop at a state x_k with k drawn uniformly among the last ``late_steps`` grid indices,
   and x = the policy's one-step (Tweedie) prediction of x_0 from x_k, with gradients through that one prediction.
 
-KL_k is the exact Gaussian KL of each step taken to the reference's step at the same state; its gradient is
-direct (the state is the sampled one, detached outside the backprop window). ``grad_checkpointing`` recomputes
+KL_k is the exact Gaussian KL of each step taken to the reference's step at the same state; outside the backprop
+window its gradient is direct (the state is detached), inside it also flows through the state into both means. ``grad_checkpointing`` recomputes
 each step's network call in the backward pass instead of storing its activations (memory for long windows).
 """
 
@@ -114,7 +114,8 @@ def run_chain(
             with torch.no_grad():
                 mean = policy.step_mean(x, k, cond)
         if with_kl:
-            with torch.no_grad():
+            # inside the window the state depends on theta, so the reference mean does too (through x)
+            with torch.set_grad_enabled(in_window and torch.is_grad_enabled()):
                 ref_mean = policy.step_mean(x, k, cond, "reference")
             kl_total = kl_total + policy.step_kl(mean, ref_mean, k)
         x = mean + policy.sigma(k) * noises[k]

@@ -249,12 +249,16 @@ def has_key(config, key: str) -> bool:
 
 
 def bench_config(method: str, task: str, seed: int, queries: int, eval_samples: int, overrides=()):
-    """The RunConfig of one run: the task's presets, the bench settings, then those KEY=VALUE overrides whose key
+    """The RunConfig of one run: the task's presets, the settings tuned at the bench budget (tasks.BENCH_PRESETS),
+    the bench settings, then those KEY=VALUE overrides whose key
     the method's config has (a method-specific key such as method.gamma skips the methods without it)."""
     from .config import parse_assignment
     from .trainer import default_config
 
+    from .tasks import bench_presets
+
     config = default_config(method, task)
+    config.update(bench_presets(task, method))
     settings = {"seed": seed, "max_queries": queries, "steps": STEP_CAP, "eval_every": 0,
                 "eval_every_queries": max(1, queries // EVALS_PER_RUN), "eval_samples": eval_samples,
                 "checkpoint_every": STEP_CAP, "tensorboard": False, "progress": False, "device": "cpu"}

@@ -1,7 +1,7 @@
 """Tasks: a base model, a reward, conditions and what is known of the optimum."""
 
 from .base import KnownOptimum, Task, TaskConfig
-from .builtin import PRESETS, TASKS, presets
+from .builtin import BENCH_PRESETS, PRESETS, TASKS, bench_presets, presets
 from .mixture_task import ExactTarget, MixtureTask
 
-__all__ = ["PRESETS", "presets", "ExactTarget", "KnownOptimum", "MixtureTask", "TASKS", "Task", "TaskConfig"]
+__all__ = ["BENCH_PRESETS", "PRESETS", "bench_presets", "presets", "ExactTarget", "KnownOptimum", "MixtureTask", "TASKS", "Task", "TaskConfig"]

@@ -91,3 +91,35 @@ PRESETS: dict[str, dict[str, dict]] = {
 def presets(task: str, method: str) -> dict:
     """Nested config overrides {section: {field: value}} recommended for a task and method ({} if none)."""
     return PRESETS.get(task, {}).get(method, {})
+
+
+# Settings tuned for `sqdf bench` (equal budgets of training reward queries, 16384 by default), per task and
+# method, applied on top of PRESETS; how each was chosen is in BENCHMARKS.md. A method without an entry runs
+# with its config defaults (the same tuning effort was spent on each: see BENCHMARKS.md).
+_BOUNDED_REWARD = {  # chosen on gmm1 (seed 0), used for the three mixture tasks whose rewards are bounded above
+    "sqdf": {"method": {"batch_size": 32, "lr": 3e-3}},
+    "ddpo": {"method": {"lr": 3e-4, "clip_range": 1e-3, "kl_coef": 1.0}},
+    "dpok": {"method": {"lr": 3e-4}},
+    "draft": {"method": {"lr": 1e-3, "k": 50, "kl_weight": 1.0}},
+    "alignprop": {"method": {"lr": 1e-3, "kl_weight": 1.0}},
+    "refl": {"method": {"lr": 1e-3, "kl_weight": 0.0}},
+    "prdp": {"method": {"lr": 1e-4, "inner_steps": 4}},
+}
+_LINEAR_REWARD = {  # chosen on the Gaussian task (seed 0): its linear reward is unbounded, so no-KL variants diverge
+    "sqdf": {"method": {"batch_size": 32, "lr": 3e-3}},
+    "ddpo": {"method": {"lr": 1e-3, "clip_range": 1e-4, "kl_coef": 1.0}},
+    "dpok": {"method": {"lr": 3e-4}},
+    "draft": {"method": {"lr": 1e-3, "k": 50, "kl_weight": 1.0}},
+    "alignprop": {"method": {"lr": 1e-3, "kl_weight": 1.0}},
+    "refl": {"method": {"lr": 1e-3, "kl_weight": 1.0}},
+    "prdp": {"method": {"lr": 1e-4, "inner_steps": 4}},
+}
+BENCH_PRESETS: dict[str, dict[str, dict]] = {
+    "gmm1": _BOUNDED_REWARD, "gmm2": _BOUNDED_REWARD, "mix25to9": _BOUNDED_REWARD,
+    "gaussian": _LINEAR_REWARD, "gaussian-quadratic": _LINEAR_REWARD,
+}
+
+
+def bench_presets(task: str, method: str) -> dict:
+    """Nested config overrides for `sqdf bench` runs of this task and method ({} if none)."""
+    return BENCH_PRESETS.get(task, {}).get(method, {})

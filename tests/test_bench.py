@@ -228,3 +228,18 @@ def test_process_pool_runs_every_seed(tmp_path):
     assert [r["seed"] for r in rows] == [0, 1]  # the order of the plan, whichever finished first
     assert rows[0]["reward_mean"] != rows[1]["reward_mean"]
     assert "| sqdf | " in (out / "table.md").read_text() and " ± " in (out / "table.md").read_text()
+
+
+def test_overview_table_means_and_bold():
+    from sqdf.bench import overview_table
+
+    rows = [{"task": "a", "method": "m1", "regret": 1.0, "x0_regret": 0.5},
+            {"task": "a", "method": "m1", "regret": 2.0, "x0_regret": 0.7},
+            {"task": "a", "method": "m2", "regret": None, "x0_regret": 0.2},
+            {"task": "b", "method": "m2", "regret": 0.3, "x0_regret": 0.1},
+            {"task": "b", "method": "m1", "regret": 0.4, "x0_regret": 0.1},
+            {"task": "b", "method": "m1", "error": "boom"}]
+    lines = overview_table(rows).splitlines()
+    assert lines[2] == "| method | a | b |"
+    assert lines[4] == "| m1 | 1.500 (0.600) | 0.400 (0.100) |"
+    assert lines[5] == "| m2 | — (0.200) | **0.300 (0.100)** |"

@@ -173,6 +173,29 @@ def results_tables(rows, tasks=None, methods=None) -> str:
     return "\n".join(task_table(t, grouped[t], methods) for t in tasks)
 
 
+def overview_table(rows, tasks=None, methods=None) -> str:
+    """One markdown table: a row per method, a column per task, each cell 'regret (x0 regret)' as means over
+    seeds; the lowest path regret of each task in bold."""
+    grouped = group_rows(rows)
+    tasks = [t for t in (tasks or grouped) if t in grouped]
+    methods = [m for m in (methods or dict.fromkeys(r["method"] for r in rows))
+               if any(m in grouped[t] for t in tasks)]
+    cells = {m: [] for m in methods}
+    for t in tasks:
+        means = []
+        for m in methods:
+            ok = [r for r in grouped[t].get(m, []) if "error" not in r]
+            means.append((summarize(r.get("regret") for r in ok), summarize(r.get("x0_regret") for r in ok)))
+        best = best_indices([None if p is None else p.mean for p, _ in means], "min")
+        for i, (m, (p, x)) in enumerate(zip(methods, means)):
+            text = f"{_number(None if p is None else p.mean, '.3f')} ({_number(None if x is None else x.mean, '.3f')})"
+            cells[m].append(f"**{text}**" if i in best else text)
+    lines = ["Regret (x0 regret), mean over seeds; lower is better.", "",
+             "| method | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+    lines += [f"| {m} | " + " | ".join(cells[m]) + " |" for m in methods]
+    return "\n".join(lines) + "\n"
+
+
 def header_text(command: str, queries: int, seeds: int, eval_samples: int, machine: str) -> str:
     """The lines above the tables: the command, the budget, the seeds and the machine."""
     return (f"`{command}`\n\n"
@@ -633,7 +656,7 @@ def run_bench(tasks=None, methods=None, queries: int = DEFAULT_QUERIES, seeds: i
     _write_text(written[0], json.dumps(rows, indent=1))
     command = command_text(tasks, methods, queries, seeds, out, jobs, eval_samples, overrides)
     table = header_text(command, queries, seeds, eval_samples, machine_text()) + "\n" + \
-        results_tables(rows, tasks, methods)
+        overview_table(rows, tasks, methods) + "\n" + results_tables(rows, tasks, methods)
     _write_text(written[1], table)
     if any("error" not in r for r in rows):
         from .trainer import make_task

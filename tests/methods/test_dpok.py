@@ -20,7 +20,7 @@ def test_dpok_loss_hand_computed():
     # A = (0.5, -1); ratios (1, 2): pair 1 -> -0.5; pair 2 -> max(2, 1.5) = 2; mean 0.75; KL 2 * 0.2 = 0.4
     assert float(policy) == pytest.approx(0.75 + 0.4)
     # value loss mean((0.5-1)^2, (3-2)^2) = 0.625, weighted 0.5
-    assert float(total) == pytest.approx(1.15 + 0.3125)
+    assert float(total.detach()) == pytest.approx(1.15 + 0.3125)
     total.backward()
     # only the value regression reaches the value network (the advantage uses detached values)
     assert values.grad.tolist() == pytest.approx([0.5 * 2 * (0.5 - 1.0) / 2, 0.5 * 2 * (3.0 - 2.0) / 2])

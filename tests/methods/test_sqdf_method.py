@@ -287,3 +287,10 @@ def test_train_iteration_fills_buffer_and_steps():
     fresh = _method()
     fresh.load_state_dict(state)
     assert len(fresh.buffer) == 4
+
+
+def test_sqdf_improves_reward_toward_the_optimum(train_on_gaussian):
+    base, final = train_on_gaussian("sqdf", steps=25, **{"method.lr": 1e-2, "method.batch_size": 32,
+                                                         "method.gamma": 1.0})
+    assert final["reward_mean"] > base["reward_mean"] + 0.3
+    assert final["regret"] < base["regret"] - 0.2

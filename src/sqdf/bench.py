@@ -486,22 +486,34 @@ def plot_tradeoff(grouped: dict[str, dict[str, list[dict]]], tasks: dict, path: 
     names = list(grouped)
     fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
-        kl_max = 0.0
+        task = tasks.get(name)
+        opt = _known_optimum(task)
+        known = opt is not None and opt.kl is not None and opt.reward_mean is not None
+        # zoom on the optimum: methods whose KL is past 3 KL* are named in the legend instead of stretching the axes
+        x_window = 3.0 * opt.kl if known else math.inf
+        kl_max, shown = 0.0, [opt.reward_mean] if known else []
         for k, (method, rows) in enumerate(grouped[name].items()):
             rows = _ok(rows)
             kls, kind = kl_values(rows)
             kl, reward = summarize(kls), summarize(r.get("reward_mean") for r in rows)
             if kl is None or reward is None:
                 continue
+            label = method + ("" if kind == "path_kl" else " (x0 KL: no path KL)")
+            if kl.mean > x_window:
+                ax.plot([], [], "o", color=f"C{k % 10}", label=f"{method}: off scale (KL {kl.mean:.3g}, "
+                                                                f"reward {reward.mean:.3g})")
+                continue
             kl_max = max(kl_max, kl.mean + (kl.sd or 0.0))
+            shown.append(reward.mean)
             ax.errorbar(kl.mean, reward.mean, xerr=kl.sd or 0.0, yerr=reward.sd or 0.0, fmt="o", capsize=3,
-                        color=f"C{k % 10}", label=method + ("" if kind == "path_kl" else " (x0 KL: no path KL)"))
-        task = tasks.get(name)
-        opt = _known_optimum(task)
-        if opt is not None and opt.kl is not None and opt.reward_mean is not None:
+                        color=f"C{k % 10}", label=label)
+        if known:
             import numpy as np
 
             xs = np.linspace(0.0, 1.15 * max(kl_max, opt.kl, 1e-3), 50)
+            low, high = min(shown), max(shown)
+            pad = 0.1 * max(high - low, 0.1)
+            ax.set_ylim(low - pad, high + pad)
             ax.plot(xs, opt.optimum + task.alpha * xs, "k--", lw=0.8, label=f"r = J* + {task.alpha:g} KL")
             ax.plot([opt.kl], [opt.reward_mean], "k*", ms=13, label="optimum (KL*, E*[r])")
         ax.set_xlabel("KL to the base (path KL; x0 KL where marked)")

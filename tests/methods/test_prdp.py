@@ -23,7 +23,7 @@ def test_prdp_loss_hand_computed():
     # unclipped: r_hat = (0.35, -0.2); pred 0.55; target (2-1)/2 = 0.5 -> err 0.0025
     # clipped at eps 0.1: (0.1, 0.05) and (0.0, -0.1) -> r_hat (0.15, -0.1); pred 0.25 -> err 0.0625 = the max
     loss = prdp_loss(now, old, rewards, pairs, beta=2.0, clip_eps=0.1)
-    assert float(loss) == pytest.approx(0.0625)
+    assert float(loss.detach()) == pytest.approx(0.0625)
     loss.backward()
     # the clipped branch is active: only unclipped entries carry gradient, d loss / d pred = 2 (0.25 - 0.5)
     assert now.grad.flatten().tolist() == pytest.approx([0.0, -0.5, 0.5, 0.0])

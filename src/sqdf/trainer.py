@@ -62,24 +62,26 @@ class TrainerConfig:
             raise ConfigError(f"trainer.mixed_precision={self.mixed_precision!r} must be 'no', 'fp16' or 'bf16'")
 
 
+def _did_you_mean(name: str, known: list[str]) -> str:
+    """'; did you mean 'a' or 'b'?' for the close matches of name among known (in known's order), else ''."""
+    import difflib
+
+    near = sorted(difflib.get_close_matches(name, known, n=3), key=known.index)
+    return f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+
+
 def make_task(name: str, config: TaskConfig) -> Task:
     config.validate()
     if name not in TASKS:
-        import difflib
-
-        near = sorted(difflib.get_close_matches(name, list(TASKS), n=3), key=list(TASKS).index)
-        hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
-        raise ConfigError(f"unknown task {name!r}{hint} Known tasks: {', '.join(TASKS)} (see `sqdf tasks`)")
+        raise ConfigError(f"unknown task {name!r}{_did_you_mean(name, list(TASKS))} Known tasks: "
+                          f"{', '.join(TASKS)} (see `sqdf tasks`)")
     return TASKS[name](config)
 
 
 def method_class(name: str) -> type[Method]:
     if name not in METHODS:
-        import difflib
-
-        near = sorted(difflib.get_close_matches(name, list(METHODS), n=3), key=list(METHODS).index)
-        hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
-        raise ConfigError(f"unknown method {name!r}{hint} Known methods: {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {name!r}{_did_you_mean(name, list(METHODS))} Known methods: "
+                          f"{', '.join(METHODS)}")
     return METHODS[name]
 
 
@@ -248,7 +250,7 @@ class Trainer:
 
     def _rollout(self, n: int, cond=None) -> Rollout:
         if cond is None:
-            cond = self.task.sample_conditions(n, self.generator)
+            cond = self._conditions(n)
         self.policy.eval()
         traj = self.policy.sample(n, cond, self.generator)
         with torch.no_grad():

@@ -18,6 +18,7 @@ each step's network call in the backward pass instead of storing its activations
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -133,9 +134,9 @@ class _DirectBackprop(Method):
         super().__init__(config, policy, alpha)
         self.kl_weight = alpha if config.kl_weight is None else config.kl_weight
 
+    @abstractmethod
     def window(self, generator: torch.Generator) -> tuple[int, int]:
         """(stop_at, grad_from) grid indices for this iteration."""
-        raise NotImplementedError
 
     def scored(self, x: torch.Tensor, k: int, cond) -> torch.Tensor:
         """What the reward sees from the state x at grid index k: the state itself at k == T."""

@@ -274,3 +274,18 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     rows_a, rows_b = _rows(full), _rows(killed)
     assert [_without_time(r) for r in rows_a] == [_without_time(r) for r in rows_b]
     assert [r["iteration"] for r in rows_b if r["kind"] == "train"] == list(range(1, KILL_STEPS + 1))
+
+
+def test_query_budget_stops_the_run_and_paces_evaluations(tmp_path):
+    out = tmp_path / "budget"
+    code = main(["train", "gaussian", "--steps", "1000", "--out", str(out), *QUIET,
+                 "--set", "trainer.eval_samples=128", "--set", "task.num_inference_steps=10",
+                 "--set", "method.batch_size=16", "--set", "method.train_batch_size=16",
+                 "--set", "trainer.max_queries=100", "--set", "trainer.eval_every=0",
+                 "--set", "trainer.eval_every_queries=64", "--set", "trainer.floor=false"])
+    assert code == 0
+    summary = _summary(out)
+    # 32 queries per iteration (16 rollouts + 16 pair rewards): the budget of 100 is spent after 4 iterations
+    assert summary["iterations"] == 4 and summary["reward_queries"] == 128
+    evals = [r for r in _rows(out) if r["kind"] == "eval"]
+    assert [r["iteration"] for r in evals] == [0, 2, 4]  # base, then each time 64 or 128 queries are passed

@@ -74,9 +74,10 @@ def test_task_table_means_bold_and_missing_values():
     text = bench.task_table("t", bench.group_rows(rows)["t"])
     assert text.splitlines()[0] == "### t (J* = 1.5000, exact-score floor regret 0.0100)"
     headers = [c.strip() for c in text.splitlines()[2].strip("|").split("|")]
-    assert headers == ["method"] + [c.header for c in bench.COLUMNS]
+    shown = [c for c in bench.COLUMNS if c.key not in ("target_accuracy", "frechet", "diversity")]
+    assert headers == ["method"] + [c.header for c in shown]  # columns no run reports are left out
     a, b = _cells(text, "a"), _cells(text, "b")
-    col = {c.key: j for j, c in enumerate(bench.COLUMNS)}
+    col = {c.key: j for j, c in enumerate(shown)}
     assert a[col["reward_mean"]] == "**1.5000 ± 0.7071**"  # max reward wins
     assert b[col["reward_mean"]] == "1.3000 ± 0.1414"
     assert a[col["regret"]] == "0.3000 ± 0.1414"  # the only regret: nothing to beat, no bold
@@ -90,15 +91,17 @@ def test_task_table_means_bold_and_missing_values():
 
 
 def test_task_table_one_seed_and_failed_runs():
-    rows = [_row("a", 0, reward_mean=1.0, regret=0.25), _row("b", 0, reward_mean=0.5, regret=0.5),
+    rows = [_row("a", 0, reward_mean=1.0, regret=0.25), _row("b", 0, reward_mean=0.5, regret=0.5, mode_tv=0.2),
             {"task": "t", "method": "b", "seed": 1, "error": "RuntimeError: boom"}]
     text = bench.results_tables(rows, methods=["b", "a"])
     labels = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     assert labels == ["method", "b (1 of 2 runs failed)", "a"]  # the given method order
-    col = [c.key for c in bench.COLUMNS]
+    headers = [c.strip() for c in text.splitlines()[2].strip("|").split("|")][1:]
+    col = [next(c.key for c in bench.COLUMNS if c.header == h) for h in headers]
+    assert "energy_distance" not in col  # no run reports it: left out
     assert _cells(text, "a")[col.index("reward_mean")] == "**1.0000**"  # one seed: no ±
     assert _cells(text, "b (1")[col.index("regret")] == "0.5000"
-    assert _cells(text, "a")[col.index("mode_tv")] == "—"  # a key the rows lack
+    assert _cells(text, "a")[col.index("mode_tv")] == "—"  # a key this method's rows lack
 
 
 def test_curves_and_kl_choice():

@@ -39,7 +39,8 @@ STEP_CAP = 1_000_000  # trainer.steps: the query budget, not the iteration count
 EVALS_PER_RUN = 4  # evaluations along the budget (trainer.eval_every_queries = queries // EVALS_PER_RUN)
 SAMPLE_POINTS = 1000  # points per scatter in samples_TASK.png
 
-CURVE_KEYS = ("reward_queries", "reward_mean", "path_kl", "regret", "x0_regret", "mode_tv")
+CURVE_KEYS = ("reward_queries", "reward_mean", "path_kl", "regret", "x0_regret", "mode_tv", "frechet", "diversity",
+              "target_accuracy")
 MISSING = "—"
 
 
@@ -60,6 +61,9 @@ COLUMNS = (
     Column("x0 regret", "x0_regret", "min", ".4f"),
     Column("mode TV", "mode_tv", "min", ".3f"),
     Column("energy dist.", "energy_distance", "min", ".4f"),
+    Column("target acc.", "target_accuracy", "max", ".3f"),
+    Column("Frechet", "frechet", "min", ".2f"),
+    Column("diversity", "diversity", None, ".2f"),
     Column("train queries", "reward_queries", None, ".0f"),
     Column("queries/sample", "queries_per_sample", None, ".1f"),
     Column("seconds", "wall_seconds", None, ".1f"),
@@ -148,18 +152,22 @@ def task_table(task: str, by_method: dict[str, list[dict]], methods=None) -> str
     """Markdown table of one task: a row per method, each cell mean ± sd over its successful seeds, the best
     mean of each ranked column in bold. Failed runs are left out of the cells and counted in the method cell."""
     methods = [m for m in (methods or by_method) if m in by_method]
-    stats = {m: [summarize(r.get(c.key) for r in by_method[m] if "error" not in r) for c in COLUMNS]
-             for m in methods}
+    all_stats = {m: [summarize(r.get(c.key) for r in by_method[m] if "error" not in r) for c in COLUMNS]
+                 for m in methods}
+    keep = [j for j in range(len(COLUMNS)) if any(all_stats[m][j] is not None for m in methods)] or \
+        list(range(len(COLUMNS)))  # a column no run reports (e.g. mode TV on images) is left out
+    columns = [COLUMNS[j] for j in keep]
+    stats = {m: [all_stats[m][j] for j in keep] for m in methods}
     best = [best_indices([None if stats[m][j] is None else stats[m][j].mean for m in methods], c.best)
-            for j, c in enumerate(COLUMNS)]
+            for j, c in enumerate(columns)]
     lines = [task_heading(task, [r for m in methods for r in by_method[m]]), "",
-             "| method | " + " | ".join(c.header for c in COLUMNS) + " |",
-             "| --- |" + " ---: |" * len(COLUMNS)]
+             "| method | " + " | ".join(c.header for c in columns) + " |",
+             "| --- |" + " ---: |" * len(columns)]
     for i, m in enumerate(methods):
         failed = sum("error" in r for r in by_method[m])
         label = m if not failed else f"{m} ({failed} of {len(by_method[m])} runs failed)"
         cells = []
-        for j, c in enumerate(COLUMNS):
+        for j, c in enumerate(columns):
             text = format_stat(stats[m][j], c.fmt)
             cells.append(f"**{text}**" if i in best[j] else text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -312,10 +320,9 @@ def override_scope(methods, overrides) -> dict[str, list[str]]:
 def plan_runs(tasks, methods, seeds: int, queries: int, eval_samples: int, overrides, out: str) -> list[RunSpec]:
     """Every (task, method, seed) run with a validated config; raises ConfigError on any bad name or value."""
     from .trainer import make_task, method_class
-    from .tasks import TaskConfig
 
     for task in tasks:
-        make_task(task, TaskConfig())
+        make_task(task)
     for method in methods:
         method_class(method)
     specs = []

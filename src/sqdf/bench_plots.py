@@ -116,15 +116,45 @@ def _known_optimum(task):
         return None
 
 
-def _seed0_samples(rows):
-    """The final samples [n, d] of the lowest-seed successful run (seed 0 normally), or None."""
+def _seed0_samples(rows, flat: bool = True):
+    """The final samples ([n, d], or as saved with flat=False) of the lowest-seed successful run, or None."""
     from safetensors.torch import load_file
 
     for row in sorted(_ok(rows), key=lambda r: r.get("seed", 0)):
         path = os.path.join(row["run_dir"], "samples.safetensors")
         if os.path.exists(path):
-            return load_file(path)["samples"].flatten(1)
+            samples = load_file(path)["samples"]
+            return samples.flatten(1) if flat else samples
     return None
+
+
+def plot_image_samples_grid(name: str, task, by_method: dict[str, list[dict]], path: str, per_row: int = 16) -> None:
+    """Image tasks: one row per method (its seed-0 final samples) and a last row of exact-target samples."""
+    import torch
+
+    plt = _plt()
+    rows = [(m, _seed0_samples(by_method[m], flat=False)) for m in by_method]
+    if hasattr(task, "target_samples"):
+        target = task.target_samples(torch.Generator().manual_seed(0))
+        rows.append(("exact target", target[0] if isinstance(target, tuple) else target))
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(0.45 * per_row + 1.2, 0.5 * len(rows) + 0.5),
+                             squeeze=False)
+    for r, (label, imgs) in enumerate(rows):
+        for j in range(per_row):
+            ax = axes[r, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if imgs is not None and j < imgs.shape[0]:
+                img = ((imgs[j].float() + 1) / 2).clamp(0, 1)
+                ax.imshow(img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy(), cmap="gray_r",
+                          vmin=0, vmax=1, interpolation="nearest")
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(f"{name}: seed-0 final samples per method", fontsize=9)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def plot_samples_grid(name: str, task, by_method: dict[str, list[dict]], path: str) -> None:
@@ -175,8 +205,9 @@ def write_plots(rows, tasks: dict, methods, plots_dir: str, log=print) -> list[s
     jobs = [(os.path.join(plots_dir, f"regret_vs_queries_{t}.png"), plot_regret_curves, (t, g, trains))
             for t, g in grouped.items()]
     jobs.append((os.path.join(plots_dir, "tradeoff.png"), plot_tradeoff, (grouped, tasks)))
-    jobs += [(os.path.join(plots_dir, f"samples_{t}.png"), plot_samples_grid, (t, tasks[t], g))
-             for t, g in grouped.items()]
+    jobs += [(os.path.join(plots_dir, f"samples_{t}.png"),
+              plot_image_samples_grid if len(getattr(tasks[t], "sample_shape", ())) == 3 else plot_samples_grid,
+              (t, tasks[t], g)) for t, g in grouped.items()]
     paths = []
     for path, plot, args in jobs:
         try:

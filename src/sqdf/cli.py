@@ -1,4 +1,4 @@
-"""Command line: ``sqdf train``, ``sqdf resume``, ``sqdf tasks``, ``sqdf bench``.
+"""Command line: ``sqdf train``, ``sqdf resume``, ``sqdf tasks``, ``sqdf bench``, ``sqdf sample``.
 
 Bad input (unknown task, method or key, out-of-range values, a broken reward, a missing or corrupt checkpoint)
 prints one message naming the value and the fix, and exits with code 2.
@@ -39,6 +39,16 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("tasks", help="list the built-in tasks and their known optima")
 
+    s = sub.add_parser("sample", help="draw samples from a fine-tuned run and save a picture")
+    s.add_argument("checkpoint", help="run directory (newest checkpoint) or DIR/checkpoints/ckpt_*.pt")
+    s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    s.add_argument("--out", default="samples.png", help="PNG to write (default samples.png); the samples are also "
+                   "saved next to it as .safetensors")
+    s.add_argument("--cond", help="condition labels, comma-separated and cycled (digits: e.g. 3 or 1,7); "
+                   "default: the task's own draw")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.add_argument("--reference", action="store_true", help="sample the frozen base model instead (to compare)")
+
     from . import bench
 
     b = sub.add_parser("bench", help="compare methods on tasks over seeds at the same training reward-query budget")
@@ -69,11 +79,10 @@ def _print_config_help(run_config) -> None:
 
 def _train(args) -> int:
     from .config import load_yaml, parse_assignment
-    from .tasks import TaskConfig
     from .trainer import Trainer, default_config, make_task, method_class
 
     method_class(args.method)
-    make_task(args.task, TaskConfig())  # fail fast on an unknown task name
+    make_task(args.task)  # fail fast on an unknown task name
     run_config = default_config(args.method, args.task)
     if args.help_config:
         _print_config_help(run_config)
@@ -125,14 +134,40 @@ def _report(summary: dict, out: str) -> None:
 
 
 def _tasks(_args) -> int:
-    from .tasks import TASKS, TaskConfig
+    from .tasks import TASKS, default_task_config
 
     print(f"{'task':<20} {'alpha':>5} {'J*':>9} {'E*[r]':>9} {'KL*':>7}  description")
     for name, factory in TASKS.items():
-        task = factory(TaskConfig())
+        task = factory(default_task_config(name))
         opt = task.known_optimum()
         print(f"{name:<20} {task.alpha:>5.2f} {opt.optimum:>9.4f} {opt.reward_mean:>9.4f} {opt.kl:>7.4f}  "
               f"{task.description}")
+    return 0
+
+
+def _sample(args) -> int:
+    from safetensors.torch import save_file
+
+    from .sampling import load_run, sample_run
+
+    if args.n < 1:
+        raise SqdfError(f"--n {args.n} must be >= 1")
+    run = load_run(args.checkpoint)
+    samples, cond, rewards = sample_run(run, args.n, args.seed, args.cond, args.reference)
+    who = "reference (base) model" if args.reference else f"{run.method_name} at iteration {run.iteration}"
+    title = f"{run.task_name}: {who}, mean reward {float(rewards.mean()):.3f}"
+    if len(run.task.sample_shape) == 3:
+        from .digits.pictures import save_grid
+
+        save_grid(samples, args.out, ncol=min(8, args.n), title=title)
+    else:
+        run.task.plot(samples, args.out, title, cond=cond)
+    tensors = {"samples": samples.detach().float().cpu().contiguous(), "rewards": rewards.detach().float().cpu()}
+    if cond is not None:
+        tensors["cond"] = cond.detach().cpu().contiguous()
+    stem = os.path.splitext(args.out)[0]
+    save_file(tensors, f"{stem}.safetensors")
+    print(f"{title}\nwrote {args.out} and {stem}.safetensors")
     return 0
 
 
@@ -162,7 +197,7 @@ def _bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "resume": _resume, "tasks": _tasks, "bench": _bench}
+    handlers = {"train": _train, "resume": _resume, "tasks": _tasks, "bench": _bench, "sample": _sample}
     try:
         return handlers[args.command](args)
     except SqdfError as exc:

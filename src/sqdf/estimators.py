@@ -75,7 +75,26 @@ class ProbabilityFlowEstimator(X0Estimator):
         return x
 
 
-ESTIMATORS = {"tweedie": TweedieEstimator, "ode": ProbabilityFlowEstimator}
+class ConsistencyEstimator(X0Estimator):
+    """x0_hat = f(x, t_k, cond): one call of the frozen consistency model attached to the policy
+    (``policy.attach_consistency_model``; the Trainer attaches the task's). Differentiable in x.
+
+    The model must share the policy's training-timestep axis and have been distilled from the reference sampler
+    (same guidance scale), so that f approximates the end of the reference's probability-flow ODE from x.
+    """
+
+    name = "consistency"
+
+    def estimate(self, policy, x, k, cond):
+        model = policy.consistency_model
+        if model is None:
+            raise ConfigError("estimator 'consistency' needs a consistency model: this task ships none; use "
+                              "method.estimator=tweedie, or attach one with policy.attach_consistency_model(model)")
+        t = policy._timesteps.to(x.device)[k]
+        return model(x, t, cond).to(x.dtype)
+
+
+ESTIMATORS = {"tweedie": TweedieEstimator, "ode": ProbabilityFlowEstimator, "consistency": ConsistencyEstimator}
 
 
 def make_estimator(name: str, **kwargs) -> X0Estimator:

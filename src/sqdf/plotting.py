@@ -43,11 +43,13 @@ def plot_samples_2d(samples: torch.Tensor, task, path: str, title: str = "", max
 
 
 def plot_curves(eval_rows: list[dict], path: str, title: str = "") -> None:
-    """Reward, path KL and regret (when known) against reward queries, from the eval rows of metrics.jsonl."""
+    """Reward, path KL, regret (when known) and the task's quality metrics (mode TV, energy distance; Frechet
+    distance, diversity, target accuracy for images) against reward queries, from the eval rows of metrics.jsonl."""
     if not eval_rows:
         return
     q = [r["reward_queries"] for r in eval_rows]
-    keys = [k for k in ("reward_mean", "path_kl", "regret", "mode_tv", "energy_distance") if k in eval_rows[0]]
+    keys = [k for k in ("reward_mean", "path_kl", "regret", "mode_tv", "energy_distance", "frechet", "diversity",
+                        "target_accuracy") if k in eval_rows[0]]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
     for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
         ax.plot(q, [float("nan") if r.get(key) is None else r[key] for r in eval_rows], marker="o", ms=3)

@@ -79,6 +79,7 @@ class DiffusionPolicy(nn.Module):
             self.__dict__["reference"] = reference
         else:
             self.__dict__["reference"] = None
+        self.__dict__["consistency_model"] = None
         self._abar = schedule.abar.to(torch.float64)  # cast to the state's dtype where used
         self._sigmas = schedule.sigmas.to(torch.float64)
         self._timesteps = torch.tensor(schedule.timesteps, dtype=torch.long)
@@ -88,7 +89,16 @@ class DiffusionPolicy(nn.Module):
         out = super()._apply(fn, recurse)
         if self.reference is not None:
             self.reference._apply(fn, recurse)
+        if self.consistency_model is not None:
+            self.consistency_model._apply(fn, recurse)
         return out
+
+    def attach_consistency_model(self, model: nn.Module) -> None:
+        """Attach a frozen consistency model ``f(x, t, cond) -> x0`` of the reference sampler (used by the
+        'consistency' x0 estimator); kept outside state_dict() and parameters(), moved with the policy."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.__dict__["consistency_model"] = model.eval().to(self._device())
 
     @contextmanager
     def _reference_mode(self):
@@ -147,7 +157,13 @@ class DiffusionPolicy(nn.Module):
                 f"the {which} denoiser returned shape {tuple(pred.shape)} for input {tuple(x.shape)}; "
                 "it must return a prediction of the input's shape"
             )
-        return to_eps_and_x0(pred, x, self._bcast(self._abar, kk, x), self.prediction_type)
+        abar = self._bcast(self._abar, kk, x)
+        eps, x0 = to_eps_and_x0(pred, x, abar, self.prediction_type)
+        clip = self.schedule.clip_sample
+        if clip is not None:  # clamp x0 to the data range and take the eps that goes with it (as DDPM's clip_sample)
+            x0 = x0.clamp(-clip, clip)
+            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt().clamp(min=1e-12)
+        return eps, x0
 
     def step_mean(self, x: torch.Tensor, k, cond: torch.Tensor | None = None, which: str = "policy") -> torch.Tensor:
         """Mean of step k's Gaussian at state x (grid index k, int or [B]), [B, *shape]."""

@@ -163,7 +163,8 @@ class NoiseSchedule:
     """A VP schedule (abar over training timesteps) plus an inference grid and DDIM eta.
 
     Holds float64 tensors: ``alphas_cumprod`` [N]; ``timesteps`` (list of T+1 ints); ``abar`` [T+1] at the grid;
-    ``sigmas`` [T] per-step std. ``num_steps`` is T.
+    ``sigmas`` [T] per-step std. ``num_steps`` is T. ``clip_sample`` (None or c > 0): the policy clamps its x0
+    predictions to [-c, c] and recomputes eps from them (diffusers' ``clip_sample``), for image data in a range.
     """
 
     def __init__(
@@ -172,8 +173,12 @@ class NoiseSchedule:
         num_inference_steps: int = 20,
         eta: float = 1.0,
         timesteps: list[int] | None = None,
+        clip_sample: float | None = None,
     ):
         config.validate()
+        if clip_sample is not None and not clip_sample > 0:
+            raise ConfigError(f"clip_sample={clip_sample} must be > 0 (or None for no clipping)")
+        self.clip_sample = None if clip_sample is None else float(clip_sample)
         if not (0.0 <= eta <= 1.0):
             raise ConfigError(f"eta={eta} must be in [0, 1] (1 = DDPM posterior variance, 0 = deterministic DDIM)")
         self.config = config

@@ -2,7 +2,8 @@
 
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per logged
 iteration or evaluation), ``checkpoints/`` (atomic, the newest ``keep_checkpoints`` kept), ``plots/``,
-``tb/`` (TensorBoard) and, at the end, ``summary.json``. ``Trainer.resume(DIR)`` continues from the newest
+``tb/`` (TensorBoard) and, at the end, ``summary.json``, ``samples.safetensors`` and the fine-tuned weights
+``model.safetensors`` (written by the task's ``export_model``). ``Trainer.resume(DIR)`` continues from the newest
 checkpoint and produces the same numbers as an uninterrupted run with the same seed.
 """
 
@@ -70,11 +71,15 @@ def _did_you_mean(name: str, known: list[str]) -> str:
     return f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
 
 
-def make_task(name: str, config: TaskConfig) -> Task:
-    config.validate()
+def make_task(name: str, config: TaskConfig | None = None) -> Task:
+    """Build a task; config None: the task's defaults (``tasks.default_task_config``)."""
+    from .tasks import default_task_config
+
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}{_did_you_mean(name, list(TASKS))} Known tasks: "
                           f"{', '.join(TASKS)} (see `sqdf tasks`)")
+    config = default_task_config(name) if config is None else config
+    config.validate()
     return TASKS[name](config)
 
 
@@ -87,9 +92,10 @@ def method_class(name: str) -> type[Method]:
 
 def default_config(method: str, task: str | None = None) -> RunConfig:
     """Defaults of the method's config, with the task's presets for that method applied (see tasks.PRESETS)."""
-    from .tasks import presets
+    from .tasks import default_task_config, presets
 
-    config = RunConfig(TrainerConfig(), method_class(method).config_class(), TaskConfig())
+    task_config = TaskConfig() if task is None else default_task_config(task)
+    config = RunConfig(TrainerConfig(), method_class(method).config_class(), task_config)
     if task is not None:
         config.update(presets(task, method))
     return config
@@ -107,6 +113,10 @@ class Trainer:
         cls = method_class(method_name)
         config.method.validate()
         self.task = make_task(task_name, config.task)
+        if cls.needs_reward_gradient and not self.task.differentiable_reward:
+            raise ConfigError(f"method {method_name} follows the reward's gradient, but the {task_name} reward "
+                              f"({getattr(config.task, 'reward', '?')}) is black-box; use a gradient-free method "
+                              "(ddpo, dpok, prdp, best_of_n, fk_steering) or a differentiable reward")
 
         from accelerate import Accelerator
 
@@ -120,6 +130,8 @@ class Trainer:
         reference = self.task.build_reference(schedule, out_dir)
         model = self.task.build_policy_model(reference)
         self.policy = DiffusionPolicy(model, schedule, self.task.sample_shape, reference=reference).to(self.device)
+        if getattr(config.method, "estimator", None) == "consistency":
+            self.policy.attach_consistency_model(self.task.consistency_model())
         self.reward = CheckedReward(self.task.reward, name=f"{task_name} reward")
         self.inference_reward = CheckedReward(self.task.reward, name=f"{task_name} reward")
         self.method: Method = cls(config.method, self.policy, self.task.alpha)
@@ -302,6 +314,7 @@ class Trainer:
             out["optimum"] = opt.optimum
             out["regret"] = None if out["objective"] is None else opt.optimum - out["objective"]
         out.update(self.task.evaluate(gen.samples, cond))
+        self._last_cond = cond
         return out, gen.samples
 
     def _evaluate(self, plot_name: str) -> dict:
@@ -311,7 +324,7 @@ class Trainer:
         self._log(row)
         if self.config.trainer.plots and self.accelerator.is_main_process:
             title = f"{self.method_name} on {self.task_name}, iteration {self.iteration}"
-            self.task.plot(samples, os.path.join(self.out_dir, "plots", plot_name), title)
+            self.task.plot(samples, os.path.join(self.out_dir, "plots", plot_name), title, cond=self._last_cond)
         self._last_eval = metrics
         self._last_samples = samples
         return metrics
@@ -343,6 +356,9 @@ class Trainer:
                 pass
         if self.accelerator.is_main_process:
             _atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=2))
+            if self.method.trains:
+                model = self.accelerator.unwrap_model(self.policy.model)
+                self.task.export_model(model, os.path.join(self.out_dir, "model.safetensors"))
             self._save_samples()
             self._plot_curves()
         return summary

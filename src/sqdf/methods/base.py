@@ -79,6 +79,7 @@ class Method(ABC):
     name: ClassVar[str] = "method"
     config_class: ClassVar[type] = MethodConfig
     trains: ClassVar[bool] = True  # False: an inference-time method (no optimizer, no training loop)
+    needs_reward_gradient: ClassVar[bool] = False  # True: backpropagates through the reward (refuses black-box ones)
 
     def __init__(self, config: MethodConfig, policy: DiffusionPolicy, alpha: float):
         config.validate()

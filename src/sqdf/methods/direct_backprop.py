@@ -129,6 +129,7 @@ class _DirectBackprop(Method):
     """Shared loop; subclasses choose where the chain stops, where gradients start, and what is scored."""
 
     config_class = DirectBackpropConfig
+    needs_reward_gradient = True
 
     def __init__(self, config: DirectBackpropConfig, policy, alpha: float):
         super().__init__(config, policy, alpha)

@@ -33,7 +33,8 @@ class SQDFConfig(MethodConfig):
     alpha: float | None = option(None, "KL weight; None: the task's alpha (the objective's)")
     kl_form: str = option("exact", "'exact': ||dmu||^2/(2 sigma^2) summed; 'official': mean over dims of "
                           "||dmu||^2/sigma^2 (the official code's scaling)")
-    estimator: str = option("tweedie", f"x0 estimator for the soft value: one of {sorted(ESTIMATORS)}")
+    estimator: str = option("tweedie", f"x0 estimator for the soft value: one of {sorted(ESTIMATORS)}; "
+                            "'consistency' uses the task's distilled consistency model (digits ships one)")
     estimator_steps: int = option(10, "DDIM steps of the 'ode' estimator (probability-flow solve to t = 0)")
     buffer_size: int = option(1024, "replay buffer capacity (trajectories); must be >= batch_size")
     replay_ratio: int = option(1, "gradient steps per iteration")
@@ -74,6 +75,7 @@ def sqdf_loss(
 class SQDF(Method):
     name = "sqdf"
     config_class = SQDFConfig
+    needs_reward_gradient = True
 
     def __init__(self, config: SQDFConfig, policy, alpha: float):
         super().__init__(config, policy, alpha if config.alpha is None else config.alpha)

@@ -1,7 +1,8 @@
 """Tasks: a base model, a reward, conditions and what is known of the optimum."""
 
 from .base import KnownOptimum, Task, TaskConfig
-from .builtin import BENCH_PRESETS, PRESETS, TASKS, bench_presets, presets
+from .builtin import BENCH_PRESETS, PRESETS, TASK_DEFAULTS, TASKS, bench_presets, default_task_config, presets
+from .digits_task import DigitsTask
 from .mixture_task import ExactTarget, MixtureTask
 
-__all__ = ["BENCH_PRESETS", "PRESETS", "bench_presets", "presets", "ExactTarget", "KnownOptimum", "MixtureTask", "TASKS", "Task", "TaskConfig"]
+__all__ = ["BENCH_PRESETS", "PRESETS", "TASK_DEFAULTS", "default_task_config", "DigitsTask", "bench_presets", "presets", "ExactTarget", "KnownOptimum", "MixtureTask", "TASKS", "Task", "TaskConfig"]

@@ -1,4 +1,4 @@
-"""The built-in tasks with known optima (BENCHMARKS.md tasks 1-3)."""
+"""The built-in tasks: toy tasks with known optima (BENCHMARKS.md tasks 1-3) and the digits image task (4)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from ..mixture import GaussianMixture, QuadraticReward
 from .base import TaskConfig
+from .digits_task import digits
 from .mixture_task import ExactTarget, MixtureTask
 
 
@@ -74,7 +75,20 @@ TASKS = {
     "mix25to9": mix25to9,
     "gaussian": gaussian,
     "gaussian-quadratic": gaussian_quadratic,
+    "digits": digits,
 }
+
+# Task options that differ from TaskConfig's defaults for a task (its model fixes them), applied first.
+TASK_DEFAULTS: dict[str, dict] = {
+    "digits": {"schedule": "cosine", "num_inference_steps": 20, "clip_sample": 1.0},
+}
+
+
+def default_task_config(task: str) -> TaskConfig:
+    """TaskConfig with the task's own defaults (TASK_DEFAULTS) applied."""
+    import dataclasses
+
+    return dataclasses.replace(TaskConfig(), **TASK_DEFAULTS.get(task, {}))
 
 
 # Settings tuned per task and method (see BENCHMARKS.md for how), applied before --config and --set.
@@ -85,12 +99,22 @@ PRESETS: dict[str, dict[str, dict]] = {
     "mix25to9": {"sqdf": {"method": {"gamma": 0.97}, "trainer": {"steps": 300}}},
     "gaussian": {"sqdf": {"method": {"gamma": 1.0}, "trainer": {"steps": 150}}},
     "gaussian-quadratic": {"sqdf": {"method": {"gamma": 1.0}, "trainer": {"steps": 150}}},
+    # digits: 20 sampler steps; SQDF with the shipped consistency model as its x0 estimator (see BENCHMARKS.md)
+    "digits": {
+        "*": {"trainer": {"eval_samples": 512, "eval_every": 25}},
+        "sqdf": {"method": {"estimator": "consistency"}},
+    },
 }
 
 
 def presets(task: str, method: str) -> dict:
-    """Nested config overrides {section: {field: value}} recommended for a task and method ({} if none)."""
-    return PRESETS.get(task, {}).get(method, {})
+    """Nested config overrides {section: {field: value}} recommended for a task and method ({} if none): the
+    task's entry for every method ("*") updated by the method's own."""
+    merged: dict = {}
+    for key in ("*", method):
+        for section, values in PRESETS.get(task, {}).get(key, {}).items():
+            merged.setdefault(section, {}).update(values)
+    return merged
 
 
 # Settings tuned for `sqdf bench` (equal budgets of training reward queries, 16384 by default), per task and

@@ -258,7 +258,7 @@ class MixtureTask(Task):
         terms.update({k: v for k, v in self.evaluate(traj.samples).items() if k != "mode_weights"})
         return terms
 
-    def plot(self, samples: torch.Tensor, path: str, title: str = "") -> None:
+    def plot(self, samples: torch.Tensor, path: str, title: str = "", cond=None) -> None:
         from ..plotting import plot_samples_2d
 
         plot_samples_2d(samples, self, path, title)

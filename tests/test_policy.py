@@ -304,3 +304,26 @@ def test_tweedie_estimator_uses_reference_and_passes_gradients():
     # non-trivial Jacobian elsewhere: d x0/dx = (I - sqrt(1-a) d eps/dx) / sqrt(a), not the identity
     assert float((x.grad[0] - 1).abs().max()) > 1e-3
     assert all(p.grad is None for p in policy.reference.parameters())
+
+
+def test_clip_sample_clamps_x0_and_keeps_the_state_identity():
+    """With clip_sample, x0_hat is clamped and eps_hat recomputed so that x = sqrt(a) x0_hat + sqrt(1-a) eps_hat."""
+    import pytest
+
+    from sqdf.errors import ConfigError
+    from sqdf.models import MLPDenoiser
+    from sqdf.policy import DiffusionPolicy
+    from sqdf.schedule import NoiseSchedule, ScheduleConfig
+
+    torch.manual_seed(0)
+    schedule = NoiseSchedule(ScheduleConfig(kind="cosine"), 10, 1.0, clip_sample=1.0)
+    policy = DiffusionPolicy(MLPDenoiser(dim=3), schedule, (3,))
+    x = 5 * torch.randn(64, 3)
+    for k in (0, 4, 9):
+        with torch.no_grad():
+            eps, x0 = policy.predict(x, k)
+        a = policy.abar(k)
+        assert float(x0.abs().max()) <= 1.0
+        assert torch.allclose(a**0.5 * x0 + (1 - a) ** 0.5 * eps, x, atol=1e-4)
+    with pytest.raises(ConfigError, match="clip_sample"):
+        NoiseSchedule(ScheduleConfig(), 10, 1.0, clip_sample=0.0)

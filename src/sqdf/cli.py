@@ -125,8 +125,9 @@ def _resume(args) -> int:
 
 def _report(summary: dict, out: str) -> None:
     keys = ("task", "method", "seed", "reward_mean", "path_kl", "objective", "optimum", "regret", "mode_tv",
-            "energy_distance", "reward_queries", "wall_seconds")
-    print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+            "energy_distance", "target_accuracy", "frechet", "diversity", "optimal_frechet", "optimal_diversity",
+            "reward_queries", "wall_seconds")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     if "floor" in summary:
         print(f"exact-score sampling floor at {summary['num_inference_steps']} steps: "
               f"regret {summary['floor']['regret']:.4f}")

@@ -121,3 +121,10 @@ def test_sample_cli_errors(tmp_path, capsys):
 
     assert main(["sample", str(tmp_path / "missing")]) == 2
     assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_consistency_model_refuses_another_guidance_scale():
+    task = small_task(digit_condition="all", target_digit=None, guidance_scale=2.0)
+    with pytest.raises(ConfigError, match="guidance scale 1.0"):
+        task.consistency_model()
+    assert small_task(digit_condition="all", target_digit=None).consistency_model() is not None

@@ -45,7 +45,7 @@ class DigitsTask(Task):
 
     def __init__(self, config: TaskConfig):
         super().__init__(config)
-        from ..digits.store import load_model, load_shipped, shipped_path
+        from ..digits.store import load_model, load_shipped
 
         if config.reward not in REWARDS:
             raise ConfigError(f"task.reward={config.reward!r} must be one of {REWARDS} for the digits task")
@@ -59,8 +59,6 @@ class DigitsTask(Task):
                               else load_model(config.classifier_path, "classifier"))
         for p in self.classifier.parameters():
             p.requires_grad_(False)
-        self._consistency_source = (shipped_path("consistency", verify=False) if config.consistency_path is None
-                                    else config.consistency_path)
         schedule_kind = self.unet_meta.get("schedule", "cosine")
         n_train = int(self.unet_meta.get("num_train_steps", 1000))
         if config.schedule != schedule_kind or config.num_train_steps != n_train:
@@ -130,13 +128,9 @@ class DigitsTask(Task):
         return digits.to(device)[pick]
 
     def consistency_model(self) -> nn.Module:
-        from ..digits.store import load_model
+        from ..digits.store import load_model, shipped_path
 
-        path = self._consistency_source
-        if self.config.consistency_path is None:
-            from ..digits.store import shipped_path
-
-            path = shipped_path("consistency")
+        path = shipped_path("consistency") if self.config.consistency_path is None else self.config.consistency_path
         model, meta = load_model(path, "consistency")
         scale = meta.get("guidance_scale")
         if self.condition_digits is not None and scale is not None and abs(scale - self.config.guidance_scale) > 1e-9:

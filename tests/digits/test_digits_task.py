@@ -128,3 +128,17 @@ def test_consistency_model_refuses_another_guidance_scale():
     with pytest.raises(ConfigError, match="guidance scale 1.0"):
         task.consistency_model()
     assert small_task(digit_condition="all", target_digit=None).consistency_model() is not None
+
+
+@pytest.mark.parametrize("method", ["sqdf", "prdp"])
+def test_conditional_make_it_look_like_another_digit(tmp_path, one_thread, method):
+    """Conditions are digit labels (long); the reward targets condition + 1; the summary has class accuracy."""
+    cfg = default_config(method, "digits")
+    cfg.update({"task": {**SMALL, "digit_condition": "all", "target_digit": None, "digit_offset": 1},
+                "method": {"batch_size": 8, **({"estimator": "tweedie"} if method == "sqdf" else {"group_size": 4})},
+                "trainer": {"steps": 2, "eval_every": 0, "eval_samples": 40, "tensorboard": False,
+                            "progress": False}})
+    out = str(tmp_path / "run")
+    summary = Trainer("digits", method, cfg, out).train()
+    assert summary["class_accuracy"] > 0.5 and summary["target_accuracy"] < 0.5  # still mostly the asked class
+    assert os.path.exists(os.path.join(out, "plots", "samples_000002.png"))

@@ -132,6 +132,8 @@ def plot_image_samples_grid(name: str, task, by_method: dict[str, list[dict]], p
     """Image tasks: one row per method (its seed-0 final samples) and a last row of exact-target samples."""
     import torch
 
+    from .digits.pictures import draw_image
+
     plt = _plt()
     rows = [(m, _seed0_samples(by_method[m], flat=False)) for m in by_method]
     if hasattr(task, "target_samples"):
@@ -141,15 +143,8 @@ def plot_image_samples_grid(name: str, task, by_method: dict[str, list[dict]], p
                              squeeze=False)
     for r, (label, imgs) in enumerate(rows):
         for j in range(per_row):
-            ax = axes[r, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for side in ax.spines.values():
-                side.set_visible(False)
-            if imgs is not None and j < imgs.shape[0]:
-                img = ((imgs[j].float() + 1) / 2).clamp(0, 1)
-                ax.imshow(img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy(), cmap="gray_r",
-                          vmin=0, vmax=1, interpolation="nearest")
+            shown = imgs is not None and j < imgs.shape[0]
+            draw_image(axes[r, j], ((imgs[j].float() + 1) / 2).clamp(0, 1) if shown else None)
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     fig.suptitle(f"{name}: seed-0 final samples per method", fontsize=9)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

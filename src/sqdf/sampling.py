@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import yaml
 
 from .errors import CheckpointError
 
@@ -41,16 +40,10 @@ def load_run(path: str, device: str = "cpu") -> LoadedRun:
     """Rebuild a finished or interrupted run's policy from its config.yaml and a checkpoint."""
     from .checkpoint import load_latest_checkpoint
     from .policy import DiffusionPolicy
-    from .trainer import default_config, make_task, method_class
+    from .trainer import make_task, method_class, read_run_config
 
     run_dir, ckpt = _locate(path)
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(cfg_path):
-        raise CheckpointError(f"{run_dir!r} has no config.yaml, so it is not a run directory of `sqdf train`")
-    with open(cfg_path) as fh:
-        saved = yaml.safe_load(fh)
-    config = default_config(saved["method_name"])
-    config.update(saved["config"])
+    task_name, method_name, config = read_run_config(run_dir)
     if ckpt is None:
         iteration, state, _ = load_latest_checkpoint(run_dir)
     else:
@@ -59,7 +52,7 @@ def load_run(path: str, device: str = "cpu") -> LoadedRun:
             iteration = int(state["iteration"])
         except Exception as exc:  # noqa: BLE001 - any failure to read means a damaged file
             raise CheckpointError(f"checkpoint {ckpt!r} is corrupted or not a sqdf checkpoint ({exc})") from exc
-    task = make_task(saved["task_name"], config.task)
+    task = make_task(task_name, config.task)
     schedule = task.make_schedule()
     reference = task.build_reference(schedule, run_dir)
     model = task.build_policy_model(reference)
@@ -67,9 +60,9 @@ def load_run(path: str, device: str = "cpu") -> LoadedRun:
     policy = DiffusionPolicy(model, schedule, task.sample_shape, reference=reference).to(device)
     if getattr(config.method, "estimator", None) == "consistency":
         policy.attach_consistency_model(task.consistency_model())
-    method = method_class(saved["method_name"])(config.method, policy, task.alpha)
+    method = method_class(method_name)(config.method, policy, task.alpha)
     method.to(device)
-    return LoadedRun(saved["task_name"], saved["method_name"], iteration, config, task, policy, method)
+    return LoadedRun(task_name, method_name, iteration, config, task, policy, method)
 
 
 def parse_cond(task, text: str | None, n: int, generator: torch.Generator):

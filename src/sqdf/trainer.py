@@ -101,6 +101,20 @@ def default_config(method: str, task: str | None = None) -> RunConfig:
     return config
 
 
+def read_run_config(run_dir: str) -> tuple[str, str, RunConfig]:
+    """(task name, method name, resolved RunConfig) from a run directory's config.yaml, with clear errors."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"run directory {run_dir!r} does not exist; pass the --out DIR of a `sqdf train` run")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{run_dir!r} has no config.yaml, so it is not a run directory of `sqdf train`")
+    with open(path) as fh:
+        saved = yaml.safe_load(fh)
+    run_config = default_config(saved["method_name"])
+    run_config.update(saved["config"])
+    return saved["task_name"], saved["method_name"], run_config
+
+
 class Trainer:
     """Runs one method on one task. Build with ``Trainer(task_name, method_name, config, out_dir)``."""
 
@@ -152,17 +166,9 @@ class Trainer:
     @classmethod
     def resume(cls, run_dir: str) -> "Trainer":
         """Rebuild a run from DIR/config.yaml and load its newest checkpoint."""
-        path = os.path.join(run_dir, "config.yaml")
-        if not os.path.isdir(run_dir):
-            raise CheckpointError(f"run directory {run_dir!r} does not exist; pass the --out DIR of a `sqdf train` run")
-        if not os.path.exists(path):
-            raise CheckpointError(f"{run_dir!r} has no config.yaml, so it is not a run directory of `sqdf train`")
-        with open(path) as fh:
-            saved = yaml.safe_load(fh)
-        run_config = default_config(saved["method_name"])
-        run_config.update(saved["config"])
+        task_name, method_name, run_config = read_run_config(run_dir)
         iteration, state, _ = load_latest_checkpoint(run_dir)
-        trainer = cls(saved["task_name"], saved["method_name"], run_config, run_dir)
+        trainer = cls(task_name, method_name, run_config, run_dir)
         trainer.load_state(state)
         return trainer
 

@@ -19,6 +19,17 @@ def _save(fig, path: str) -> None:
     plt.close(fig)
 
 
+def draw_image(ax, image: torch.Tensor | None) -> None:
+    """One frameless cell: image [1, H, W] (or [3, H, W]) in [0, 1], or an empty cell for None."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    if image is not None:
+        pic = image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
+        ax.imshow(pic, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+
+
 def save_grid(images: torch.Tensor, path: str, ncol: int = 8, title: str = "") -> None:
     """images [n, 1, 8, 8] in [-1, 1] as a grid with ncol columns."""
     imgs = unit_to_pixels01(images.detach().float().cpu())[:, 0]
@@ -47,13 +58,7 @@ def save_class_grid(images: torch.Tensor, labels: torch.Tensor, path: str, per_c
     for r, c in enumerate(rows):
         members = imgs[labels == c][:per_class]
         for j in range(per_class):
-            ax = axes[r, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for side in ax.spines.values():
-                side.set_visible(False)
-            if j < members.shape[0]:
-                ax.imshow(members[j].numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+            draw_image(axes[r, j], members[j:j + 1] if j < members.shape[0] else None)
         axes[r, 0].set_ylabel(f"{row_name} {c}", rotation=0, ha="right", va="center", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)

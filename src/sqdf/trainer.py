@@ -157,7 +157,9 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(self.method.param_groups(), lr=config.method.lr,
                                                weight_decay=config.method.weight_decay)
             self.policy.model, self.optimizer = self.accelerator.prepare(self.policy.model, self.optimizer)
-        self.generator = torch.Generator(device=self.device).manual_seed(tcfg.seed + 1)
+        # each process draws its own chains (a single process keeps seed + 1); DDP averages their gradients
+        rank = self.accelerator.process_index
+        self.generator = torch.Generator(device=self.device).manual_seed(tcfg.seed + 1 + 1_000_003 * rank)
         self.iteration = 0
         self.elapsed_before = 0.0
         self._tb = None

@@ -11,11 +11,10 @@ digits and feature diversity (with the exact target's values for reference), wal
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 
-from sqdf.cli import main as cli_main
+from run_cache import train_or_load
 
 COLUMNS = ("reward_mean", "path_kl", "objective", "regret", "target_accuracy", "frechet", "diversity",
            "optimal_frechet", "optimal_diversity", "wall_seconds")
@@ -32,15 +31,9 @@ def main() -> None:
     for est in args.estimators.split(","):
         for seed in args.seeds.split(","):
             out = os.path.join(args.out, f"{est}-s{seed}")
-            if not os.path.exists(os.path.join(out, "summary.json")):
-                argv = ["train", "digits", "--seed", seed, "--out", out, "--set", f"method.estimator={est}",
-                        "--set", "trainer.progress=false"]
-                for item in args.overrides:
-                    argv += ["--set", item]
-                if cli_main(argv) != 0:
-                    raise SystemExit(f"run failed: {argv}")
-            with open(os.path.join(out, "summary.json")) as fh:
-                rows.append({"estimator": est, "seed": seed, **json.load(fh)})
+            summary = train_or_load(["train", "digits", "--seed", seed, "--set", f"method.estimator={est}"], out,
+                                    args.overrides)
+            rows.append({"estimator": est, "seed": seed, **summary})
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; overrides: {args.overrides or 'none'}\n")
     print("| estimator | seed | " + " | ".join(COLUMNS) + " |")
     print("|---|---|" + "---|" * len(COLUMNS))

@@ -10,11 +10,10 @@ exact-score floor at the same step count, reward queries and wall seconds on thi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 
-from sqdf.cli import main as cli_main
+from run_cache import train_or_load
 
 
 def main() -> None:
@@ -29,15 +28,7 @@ def main() -> None:
     for task in args.tasks.split(","):
         for seed in args.seeds.split(","):
             out = os.path.join(args.out, f"{task}-{args.method}-s{seed}")
-            if not os.path.exists(os.path.join(out, "summary.json")):
-                argv = ["train", task, "--method", args.method, "--seed", seed, "--out", out,
-                        "--set", "trainer.progress=false"]
-                for item in args.overrides:
-                    argv += ["--set", item]
-                if cli_main(argv) != 0:
-                    raise SystemExit(f"run failed: {argv}")
-            with open(os.path.join(out, "summary.json")) as fh:
-                rows.append(json.load(fh))
+            rows.append(train_or_load(["train", task, "--method", args.method, "--seed", seed], out, args.overrides))
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}\n")
     print("| task | seed | E[r] | path KL | J | J* | regret | floor regret | mode TV | energy dist | queries | s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -10,15 +10,20 @@ from torch.distributions import Normal, kl_divergence
 
 from sqdf.errors import ConfigError
 from sqdf.schedule import (
+    FlowMatchSchedule,
     NoiseSchedule,
     ScheduleConfig,
     alphas_cumprod_from_betas,
     cosine_betas,
     ddim_mean,
+    ddim_mean_coeffs,
     ddim_sigma,
+    ddim_sigma_coeffs,
     gaussian_kl,
     gaussian_log_prob,
     linear_betas,
+    prediction_to_eps_and_x0,
+    shift_flow_time,
     spaced_timesteps,
     to_eps_and_x0,
     tweedie_x0,
@@ -323,3 +328,61 @@ def test_gaussian_log_prob_gradient_wrt_mean_finite_differences():
     m = mean.clone().requires_grad_(True)
     gaussian_log_prob(x, m, std).sum().backward()
     torch.testing.assert_close(m.grad, analytic)
+
+
+def test_scaled_linear_matches_stable_diffusion_betas():
+    from diffusers import DDPMScheduler
+
+    ours = NoiseSchedule(ScheduleConfig(kind="scaled_linear", beta_start=0.00085, beta_end=0.012), 10)
+    theirs = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    torch.testing.assert_close(ours.alphas_cumprod.float(), theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_coefficient_forms_equal_the_vp_forms():
+    s = NoiseSchedule(ScheduleConfig(), 20, eta=0.7)
+    torch.testing.assert_close(s.signal**2 + s.noise**2, torch.ones(21, dtype=torch.float64))
+    general = ddim_sigma_coeffs(s.signal[:-1], s.noise[:-1], s.signal[1:], s.noise[1:], 0.7)
+    torch.testing.assert_close(general, s.sigmas)
+    x0, eps = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    k = 5
+    torch.testing.assert_close(ddim_mean_coeffs(x0, eps, s.signal[k + 1], s.noise[k + 1], s.sigmas[k]),
+                               ddim_mean(x0, eps, s.abar[k + 1], s.sigmas[k]))
+
+
+def test_flow_prediction_inverts_the_interpolant():
+    x0, eps = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    s = torch.tensor(0.3, dtype=torch.float64)
+    x = (1 - s) * x0 + s * eps
+    eps_hat, x0_hat = prediction_to_eps_and_x0(eps - x0, x, 1 - s, s, "flow")
+    torch.testing.assert_close(x0_hat, x0)
+    torch.testing.assert_close(eps_hat, eps)
+
+
+def test_flow_schedule_grid_and_stds():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    fs = FlowMatchSchedule(num_inference_steps=8, eta=1.0, shift=3.0)
+    assert fs.num_steps == 8 and fs.timesteps[0] == pytest.approx(1000.0)
+    assert fs.timesteps[-1] == pytest.approx(1000 * 3e-3 / (1 + 2e-3))  # shifted 1/1000
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)  # diffusers' shift formula on the same unshifted times
+    times = torch.linspace(1.0, 1e-3, 9, dtype=torch.float64)
+    torch.testing.assert_close(shift_flow_time(times, 3.0),
+                               sched.config.shift * times / (1 + (sched.config.shift - 1) * times))
+    assert bool((fs.sigmas > 0).all())  # every step is stochastic, so step KLs and log-probs exist
+    # the posterior std of x_{s'} given (x_s, x0) under x_s = (1-s) x0 + s eps, by the Gaussian conditioning formula
+    s, s1 = fs.flow_times[2], fs.flow_times[3]
+    a, b, a1, b1 = 1 - s, s, 1 - s1, s1
+    # x_s = (a/a1) x_{s'} + noise with variance b^2 - (a b1 / a1)^2, so Var(x_{s'} | x_s, x0) is:
+    var_fwd = b**2 - (a * b1 / a1) ** 2
+    post_var = b1**2 * var_fwd / (var_fwd + (a / a1) ** 2 * b1**2)
+    assert float(fs.sigmas[2]) == pytest.approx(float(post_var.sqrt()), rel=1e-9)
+    with pytest.raises(ConfigError, match="shift"):
+        FlowMatchSchedule(shift=0.0)
+
+
+def test_ode_subgrid_reaches_the_data_end():
+    vp, fs = NoiseSchedule(ScheduleConfig(), 10), FlowMatchSchedule(10)
+    t = torch.tensor([999.0, 500.0])
+    assert vp.subgrid(t, 1.0).tolist() == [0.0, 0.0]
+    sig, noi = fs.coefficients_at(fs.subgrid(t, 1.0))
+    assert sig.tolist() == [1.0, 1.0] and noi.tolist() == [0.0, 0.0]

@@ -15,3 +15,8 @@ class RewardError(SqdfError):
 
 class CheckpointError(SqdfError):
     """A run directory with no checkpoint, or a corrupted one."""
+
+
+class MissingWeightsError(SqdfError):
+    """Model weights (a pipeline, a reward model) were not found where the config points; the message says where
+    to put them and which files are expected."""

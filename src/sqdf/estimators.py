@@ -13,7 +13,7 @@ import torch
 
 from .errors import ConfigError
 from .policy import DiffusionPolicy
-from .schedule import to_eps_and_x0
+from .schedule import prediction_to_eps_and_x0
 
 
 class X0Estimator(ABC):
@@ -60,18 +60,18 @@ class ProbabilityFlowEstimator(X0Estimator):
         self.num_steps = num_steps
 
     def estimate(self, policy, x, k, cond):
-        t_start = policy._timesteps.to(x.device)[k].to(torch.float64)  # [B]
-        abar_all = policy.schedule.alphas_cumprod.to(x.device)
+        schedule = policy.schedule
+        t_start = policy._timesteps.to(x.device)[k]  # [B]
         view = (-1, *([1] * (x.ndim - 1)))
         for j in range(self.num_steps):
-            t_now = torch.round(t_start * (1 - j / self.num_steps)).long()
-            t_next = torch.round(t_start * (1 - (j + 1) / self.num_steps)).long()
+            t_now = schedule.subgrid(t_start, j / self.num_steps).to(policy._timesteps.dtype)
+            t_next = schedule.subgrid(t_start, (j + 1) / self.num_steps).to(policy._timesteps.dtype)
             with policy._reference_mode() as ref:
                 pred = ref(x, t_now, cond)
-            a_now = abar_all[t_now].to(x.dtype).view(view)
-            a_next = abar_all[t_next].to(x.dtype).view(view)
-            eps, x0 = to_eps_and_x0(pred, x, a_now, policy.prediction_type)
-            x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+            s_now, n_now = (c.to(x.dtype).view(view) for c in schedule.coefficients_at(t_now))
+            s_next, n_next = (c.to(x.dtype).view(view) for c in schedule.coefficients_at(t_next))
+            eps, x0 = prediction_to_eps_and_x0(pred, x, s_now, n_now, policy.prediction_type)
+            x = s_next * x0 + n_next * eps
         return x
 
 

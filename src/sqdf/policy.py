@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .schedule import NoiseSchedule, ddim_mean, gaussian_kl, gaussian_log_prob, to_eps_and_x0
+from .schedule import NoiseSchedule, gaussian_kl, gaussian_log_prob, prediction_to_eps_and_x0
 
 
 @dataclass
@@ -48,11 +48,11 @@ class DiffusionPolicy(nn.Module):
 
     Args:
         model: the trainable denoiser, ``model(x, t, cond) -> prediction``; a peft model is allowed.
-        schedule: the noise schedule with its inference grid and eta.
+        schedule: the noise schedule with its inference grid and eta (``NoiseSchedule`` or ``FlowMatchSchedule``).
         sample_shape: shape of one sample, e.g. (2,) or (1, 16, 16).
         reference: the frozen reference denoiser. None: a frozen deep copy of ``model``, or, for a peft model,
             the same model with its adapters disabled (no second copy in memory).
-        prediction_type: overrides ``model.prediction_type`` ("epsilon", "v_prediction" or "sample").
+        prediction_type: overrides ``model.prediction_type`` ("epsilon", "v_prediction", "sample" or "flow").
     """
 
     def __init__(
@@ -81,8 +81,12 @@ class DiffusionPolicy(nn.Module):
             self.__dict__["reference"] = None
         self.__dict__["consistency_model"] = None
         self._abar = schedule.abar.to(torch.float64)  # cast to the state's dtype where used
+        self._signal = schedule.signal.to(torch.float64)
+        self._noise = schedule.noise.to(torch.float64)
         self._sigmas = schedule.sigmas.to(torch.float64)
-        self._timesteps = torch.tensor(schedule.timesteps, dtype=torch.long)
+        # eps coefficient of each step's mean, sqrt(noise_{k+1}^2 - sigma_k^2), in float64 (no cancellation later)
+        self._eps_coef = (self._noise[1:] ** 2 - self._sigmas**2).clamp(min=0).sqrt()
+        self._timesteps = torch.tensor(schedule.timesteps)  # long for VP grids, float for flow times
 
     # ---- networks -------------------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -102,8 +106,8 @@ class DiffusionPolicy(nn.Module):
 
     @contextmanager
     def _reference_mode(self):
-        if self._adapter_reference:
-            with self.model.disable_adapter():
+        if self._adapter_reference:  # the (possibly DDP-wrapped) policy network with its adapters switched off
+            with getattr(self.model, "module", self.model).disable_adapter():
                 yield self.model
         else:
             yield self.reference
@@ -157,12 +161,12 @@ class DiffusionPolicy(nn.Module):
                 f"the {which} denoiser returned shape {tuple(pred.shape)} for input {tuple(x.shape)}; "
                 "it must return a prediction of the input's shape"
             )
-        abar = self._bcast(self._abar, kk, x)
-        eps, x0 = to_eps_and_x0(pred, x, abar, self.prediction_type)
+        signal, noise = self._bcast(self._signal, kk, x), self._bcast(self._noise, kk, x)
+        eps, x0 = prediction_to_eps_and_x0(pred, x, signal, noise, self.prediction_type)
         clip = self.schedule.clip_sample
         if clip is not None:  # clamp x0 to the data range and take the eps that goes with it (as DDPM's clip_sample)
             x0 = x0.clamp(-clip, clip)
-            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt().clamp(min=1e-12)
+            eps = (x - signal * x0) / noise.clamp(min=1e-12)
         return eps, x0
 
     def step_mean(self, x: torch.Tensor, k, cond: torch.Tensor | None = None, which: str = "policy") -> torch.Tensor:
@@ -171,7 +175,7 @@ class DiffusionPolicy(nn.Module):
         if int(kk.min()) < 0 or int(kk.max()) >= self.num_steps:
             raise IndexError(f"step indices must lie in [0, {self.num_steps - 1}]")
         eps, x0 = self.predict(x, kk, cond, which)
-        return ddim_mean(x0, eps, self._bcast(self._abar, kk + 1, x), self._bcast(self._sigmas, kk, x))
+        return self._bcast(self._signal, kk + 1, x) * x0 + self._bcast(self._eps_coef, kk, x) * eps
 
     def step_distribution(
         self, x: torch.Tensor, k, cond: torch.Tensor | None = None, which: str = "policy"
@@ -250,6 +254,9 @@ class DiffusionPolicy(nn.Module):
         return self._abar.device
 
     def _dtype(self) -> torch.dtype:
+        state_dtype = getattr(getattr(self.model, "module", self.model), "state_dtype", None)
+        if state_dtype is not None:  # a wrapper that keeps states in one dtype and casts for its network
+            return state_dtype
         for p in self.model.parameters():
             if p.is_floating_point():
                 return p.dtype

@@ -6,6 +6,12 @@ starts at ``x_{t_0} ~ N(0, I)`` and step ``k`` (``k = 0 .. T-1``) maps ``x_{t_k}
 ``x_{t_T}`` is the sample. Every step has a Gaussian transition
 ``N(mean_k, sigma_k^2 I)`` with ``sigma_k > 0`` whenever ``eta > 0``.
 All functions broadcast over leading batch dimensions; ``abar`` values are tensors or floats in (0, 1].
+
+Beyond VP, every schedule is described by two coefficients per grid point, ``x_t = signal_t x_0 + noise_t eps``:
+VP has ``signal = sqrt(abar)``, ``noise = sqrt(1 - abar)``; rectified flow (SD3 / FLUX) has ``signal = 1 - s``,
+``noise = s`` for the flow time ``s`` in (0, 1]. The DDIM step written with these coefficients is the same
+Gaussian step for both, so one policy serves them all (for flow it is the coefficient-preserving stochastic
+sampler: the deterministic flow ODE step plus fresh noise whose variance the mean's noise term gives back).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 
 from .errors import ConfigError
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
 def linear_betas(num_train_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -31,6 +37,11 @@ def cosine_betas(num_train_steps: int, s: float = 0.008, max_beta: float = 0.999
     f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     betas = 1 - f[1:] / f[:-1]
     return betas.clamp(max=max_beta)
+
+
+def scaled_linear_betas(num_train_steps: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Stable Diffusion's 'scaled_linear' betas: linspace(sqrt(beta_start), sqrt(beta_end))^2, float64."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_steps, dtype=torch.float64) ** 2
 
 
 def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
@@ -83,9 +94,27 @@ def to_eps_and_x0(
     elif prediction_type == "v_prediction":
         x0 = sa * x_t - s1a * prediction
         eps = s1a * x_t + sa * prediction
+    elif prediction_type == "flow":
+        raise ConfigError("prediction_type='flow' needs a flow schedule's coefficients; use prediction_to_eps_and_x0")
     else:
         raise ConfigError(f"prediction_type={prediction_type!r} is not one of {PREDICTION_TYPES}")
     return eps, x0
+
+
+def prediction_to_eps_and_x0(
+    prediction: torch.Tensor, x_t: torch.Tensor, signal, noise, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps_hat, x0_hat) from a network output at a state ``x_t = signal x0 + noise eps`` (any schedule).
+
+    flow (velocity v = eps - x0): x0 = (x - noise v) / (signal + noise), eps = x0 + v. The VP types need a VP
+    state (signal^2 + noise^2 = 1) and go through ``to_eps_and_x0``.
+    """
+    sig = torch.as_tensor(signal, dtype=x_t.dtype, device=x_t.device)
+    noi = torch.as_tensor(noise, dtype=x_t.dtype, device=x_t.device)
+    if prediction_type == "flow":
+        x0 = (x_t - noi * prediction) / (sig + noi)
+        return x0 + prediction, x0
+    return to_eps_and_x0(prediction, x_t, sig**2, prediction_type)
 
 
 def tweedie_x0(x_t: torch.Tensor, eps_hat: torch.Tensor, abar_t: torch.Tensor | float) -> torch.Tensor:
@@ -108,6 +137,23 @@ def ddim_mean(
     a_p = torch.as_tensor(abar_prev, dtype=x0_hat.dtype, device=x0_hat.device)
     s = torch.as_tensor(sigma, dtype=x0_hat.dtype, device=x0_hat.device)
     return a_p.sqrt() * x0_hat + (1 - a_p - s**2).clamp(min=0).sqrt() * eps_hat
+
+
+def ddim_sigma_coeffs(signal, noise, signal_next, noise_next, eta: float) -> torch.Tensor:
+    """DDIM step std for any schedule: eta * noise' * sqrt(1 - (signal noise')^2 / (signal' noise)^2), the posterior
+    std of x' given (x, x0) times eta. Equals ``ddim_sigma`` for VP coefficients."""
+    s, n = torch.as_tensor(signal, dtype=torch.float64), torch.as_tensor(noise, dtype=torch.float64)
+    s1, n1 = torch.as_tensor(signal_next, dtype=torch.float64), torch.as_tensor(noise_next, dtype=torch.float64)
+    ratio = (s * n1) / (s1 * n)
+    return eta * n1 * (1 - ratio**2).clamp(min=0).sqrt()
+
+
+def ddim_mean_coeffs(x0_hat: torch.Tensor, eps_hat: torch.Tensor, signal_next, noise_next, sigma) -> torch.Tensor:
+    """DDIM step mean for any schedule: signal' x0_hat + sqrt(noise'^2 - sigma^2) eps_hat."""
+    s1 = torch.as_tensor(signal_next, dtype=x0_hat.dtype, device=x0_hat.device)
+    n1 = torch.as_tensor(noise_next, dtype=x0_hat.dtype, device=x0_hat.device)
+    sd = torch.as_tensor(sigma, dtype=x0_hat.dtype, device=x0_hat.device)
+    return s1 * x0_hat + (n1**2 - sd**2).clamp(min=0).sqrt() * eps_hat
 
 
 def _per_sample(std: torch.Tensor | float, ref: torch.Tensor) -> torch.Tensor:
@@ -145,17 +191,17 @@ def gaussian_kl(
 class ScheduleConfig:
     """How the VP schedule and the sampler's timestep grid are built."""
 
-    kind: str = "linear"  # "linear" or "cosine"
+    kind: str = "linear"  # "linear", "cosine" or "scaled_linear" (Stable Diffusion: beta 0.00085 .. 0.012)
     num_train_steps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
 
     def validate(self) -> None:
-        if self.kind not in ("linear", "cosine"):
-            raise ConfigError(f"schedule kind={self.kind!r} must be 'linear' or 'cosine'")
+        if self.kind not in ("linear", "cosine", "scaled_linear"):
+            raise ConfigError(f"schedule kind={self.kind!r} must be 'linear', 'cosine' or 'scaled_linear'")
         if self.num_train_steps < 2:
             raise ConfigError(f"num_train_steps={self.num_train_steps} must be >= 2")
-        if not (0 < self.beta_start < self.beta_end < 1):
+        if self.kind != "cosine" and not (0 < self.beta_start < self.beta_end < 1):
             raise ConfigError(f"need 0 < beta_start ({self.beta_start}) < beta_end ({self.beta_end}) < 1")
 
 
@@ -185,6 +231,8 @@ class NoiseSchedule:
         self.eta = float(eta)
         if config.kind == "linear":
             betas = linear_betas(config.num_train_steps, config.beta_start, config.beta_end)
+        elif config.kind == "scaled_linear":
+            betas = scaled_linear_betas(config.num_train_steps, config.beta_start, config.beta_end)
         else:
             betas = cosine_betas(config.num_train_steps)
         self.alphas_cumprod = alphas_cumprod_from_betas(betas)
@@ -193,6 +241,7 @@ class NoiseSchedule:
         else:
             self.timesteps = validate_timesteps(timesteps, config.num_train_steps)
         self.abar = self.alphas_cumprod[self.timesteps]
+        self.signal, self.noise = self.abar.sqrt(), (1 - self.abar).sqrt()
         self.sigmas = ddim_sigma(self.abar[:-1], self.abar[1:], self.eta)
 
     @property
@@ -202,3 +251,58 @@ class NoiseSchedule:
     def abar_at_train_step(self, t: torch.Tensor) -> torch.Tensor:
         """abar for integer training timesteps t (any shape), float64."""
         return self.alphas_cumprod.to(t.device)[t.long()]
+
+    def coefficients_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signal, noise) at model timesteps t (any shape; rounded to training steps), float64."""
+        a = self.alphas_cumprod.to(t.device)[torch.round(t.to(torch.float64)).long()]
+        return a.sqrt(), (1 - a).sqrt()
+
+    def subgrid(self, t_start: torch.Tensor, fraction: float) -> torch.Tensor:
+        """The model timestep a ``fraction`` of the way from t_start [B] down to the data end (0), for ODE solves."""
+        return torch.round(t_start.to(torch.float64) * (1 - fraction))
+
+
+def shift_flow_time(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift s' = shift s / (1 + (shift - 1) s): more steps at high noise for shift > 1."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
+class FlowMatchSchedule:
+    """A rectified-flow schedule (SD3 / FLUX): ``x_s = (1 - s) x_0 + s eps``, s from 1 (noise) to ``s_min``.
+
+    The grid is T + 1 evenly spaced flow times from 1 to ``1 / num_train_steps``, time-shifted by ``shift``; the
+    model sees timesteps ``1000 s`` (floats). Same attributes as ``NoiseSchedule``: ``timesteps`` (list of T + 1
+    floats), ``signal``/``noise``/``abar`` [T + 1] (abar = signal^2 / (signal^2 + noise^2), the VP-equivalent
+    level), ``sigmas`` [T] (DDIM-style stds with ``eta``; every step is stochastic since s_min > 0).
+    """
+
+    clip_sample = None
+
+    def __init__(self, num_inference_steps: int = 28, eta: float = 1.0, shift: float = 3.0,
+                 num_train_steps: int = 1000):
+        if num_inference_steps < 1:
+            raise ConfigError(f"num_inference_steps={num_inference_steps} must be >= 1")
+        if not (0.0 <= eta <= 1.0):
+            raise ConfigError(f"eta={eta} must be in [0, 1] (1 = posterior variance, 0 = deterministic flow ODE)")
+        if not shift > 0:
+            raise ConfigError(f"flow shift={shift} must be > 0 (SD3 uses 3.0; 1.0 is no shift)")
+        self.eta, self.shift, self.num_train_steps = float(eta), float(shift), int(num_train_steps)
+        s = shift_flow_time(torch.linspace(1.0, 1.0 / num_train_steps, num_inference_steps + 1,
+                                           dtype=torch.float64), shift)
+        self.flow_times = s
+        self.timesteps = [float(v) for v in (s * 1000).tolist()]
+        self.signal, self.noise = 1 - s, s
+        self.abar = self.signal**2 / (self.signal**2 + self.noise**2)
+        self.sigmas = ddim_sigma_coeffs(self.signal[:-1], self.noise[:-1], self.signal[1:], self.noise[1:], self.eta)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps) - 1
+
+    def coefficients_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signal, noise) = (1 - t/1000, t/1000) at model timesteps t (any shape), float64."""
+        s = t.to(torch.float64) / 1000
+        return 1 - s, s
+
+    def subgrid(self, t_start: torch.Tensor, fraction: float) -> torch.Tensor:
+        return t_start.to(torch.float64) * (1 - fraction)

@@ -290,7 +290,8 @@ def test_train_iteration_fills_buffer_and_steps():
 
 
 def test_sqdf_improves_reward_toward_the_optimum(train_on_gaussian):
-    base, final = train_on_gaussian("sqdf", steps=25, **{"method.lr": 1e-2, "method.batch_size": 32,
+    # lr 3e-3 x 40 iterations: every seed 0-3 lands at regret 0.27-0.37 (lr 1e-2 x 25 scattered 0.3-0.95)
+    base, final = train_on_gaussian("sqdf", steps=40, **{"method.lr": 3e-3, "method.batch_size": 64,
                                                          "method.gamma": 1.0})
     assert final["reward_mean"] > base["reward_mean"] + 0.3
     assert final["regret"] < base["regret"] - 0.2

@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="random seed (trainer.seed)")
     t.add_argument("--out", help="run directory (default: runs/TASK-METHOD-seedS-TIMESTAMP)")
     t.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+    t.add_argument("--model", help="diffusers tasks: local pipeline folder (task.model)")
+    t.add_argument("--reward-weights", help="diffusers tasks: local reward weights, PATH or name=PATH,... "
+                   "(task.reward_weights)")
+    t.add_argument("--tiny", action="store_true", help="diffusers tasks: random tiny models and a few iterations, "
+                   "to check a preset end to end on a CPU")
 
     r = sub.add_parser("resume", help="continue a run from its newest checkpoint")
     r.add_argument("run_dir", help="the --out directory of a `sqdf train` run")
@@ -79,11 +84,19 @@ def _print_config_help(run_config) -> None:
 
 def _train(args) -> int:
     from .config import load_yaml, parse_assignment
-    from .trainer import Trainer, default_config, make_task, method_class
+    from .trainer import Trainer, check_task_name, default_config, make_task, method_class
 
     method_class(args.method)
-    make_task(args.task)  # fail fast on an unknown task name
+    check_task_name(args.task)
     run_config = default_config(args.method, args.task)
+    from .tasks import SD_TASKS, tiny_overrides
+
+    sd_flags = {"--model": args.model, "--reward-weights": args.reward_weights, "--tiny": args.tiny or None}
+    used = [flag for flag, value in sd_flags.items() if value is not None]
+    if used and args.task not in SD_TASKS:
+        raise SqdfError(f"{', '.join(used)} apply to the diffusers tasks ({', '.join(SD_TASKS)}), not to {args.task}")
+    if args.tiny:
+        run_config.update(tiny_overrides(args.method))
     if args.help_config:
         _print_config_help(run_config)
         return 0
@@ -96,7 +109,12 @@ def _train(args) -> int:
         run_config.set("trainer.steps", args.steps)
     if args.seed is not None:
         run_config.set("trainer.seed", args.seed)
-    make_task(args.task, run_config.task)  # fail fast on a bad task name or option
+    if args.model is not None:
+        run_config.set("task.model", args.model, raw=False)
+    if args.reward_weights is not None:
+        run_config.set("task.reward_weights", args.reward_weights, raw=False)
+    if args.task not in SD_TASKS:  # cheap to build: fail fast on a bad option (diffusers tasks fail in Trainer)
+        make_task(args.task, run_config.task)
     out = args.out or os.path.join(
         "runs", f"{args.task}-{args.method}-seed{run_config.trainer.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
@@ -135,10 +153,13 @@ def _report(summary: dict, out: str) -> None:
 
 
 def _tasks(_args) -> int:
-    from .tasks import TASKS, default_task_config
+    from .tasks import SD_TASKS, TASKS, default_task_config
 
     print(f"{'task':<20} {'alpha':>5} {'J*':>9} {'E*[r]':>9} {'KL*':>7}  description")
     for name, factory in TASKS.items():
+        if name in SD_TASKS:  # needs a pipeline (--model DIR or --tiny); no known optimum
+            print(f"{name:<20} {'-':>5} {'-':>9} {'-':>9} {'-':>7}  {SD_TASKS[name][2]} (--model DIR or --tiny)")
+            continue
         task = factory(default_task_config(name))
         opt = task.known_optimum()
         print(f"{name:<20} {task.alpha:>5.2f} {opt.optimum:>9.4f} {opt.reward_mean:>9.4f} {opt.kl:>7.4f}  "

@@ -106,9 +106,10 @@ class DiffusionPolicy(nn.Module):
 
     @contextmanager
     def _reference_mode(self):
-        if self._adapter_reference:  # the (possibly DDP-wrapped) policy network with its adapters switched off
-            with getattr(self.model, "module", self.model).disable_adapter():
-                yield self.model
+        if self._adapter_reference:  # the policy network with its adapters off, called past any DDP wrapper
+            inner = getattr(self.model, "module", self.model)
+            with inner.disable_adapter():
+                yield inner
         else:
             yield self.reference
 

@@ -45,13 +45,15 @@ class TrainerConfig:
     log_every: int = option(1, "write training metrics every N iterations")
     device: str = option("auto", "'auto' (GPU when present), 'cpu' or 'cuda'")
     mixed_precision: str = option("no", "'no', 'fp16' or 'bf16' (through accelerate)")
+    gradient_accumulation_steps: int = option(1, "backward passes summed per optimizer step (through accelerate)")
     tensorboard: bool = option(True, "also write TensorBoard scalars to DIR/tb")
     progress: bool = option(True, "show a progress bar")
     plots: bool = option(True, "save sample plots at each evaluation")
     floor: bool = option(True, "report the exact-score sampling floor in summary.json (toy tasks)")
 
     def validate(self) -> None:
-        for name in ("steps", "eval_samples", "checkpoint_every", "keep_checkpoints", "log_every"):
+        for name in ("steps", "eval_samples", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 1")
         for name in ("eval_every", "eval_every_queries", "max_queries"):
@@ -71,13 +73,17 @@ def _did_you_mean(name: str, known: list[str]) -> str:
     return f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
 
 
+def check_task_name(name: str) -> None:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}{_did_you_mean(name, list(TASKS))} Known tasks: "
+                          f"{', '.join(TASKS)} (see `sqdf tasks`)")
+
+
 def make_task(name: str, config: TaskConfig | None = None) -> Task:
     """Build a task; config None: the task's defaults (``tasks.default_task_config``)."""
     from .tasks import default_task_config
 
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}{_did_you_mean(name, list(TASKS))} Known tasks: "
-                          f"{', '.join(TASKS)} (see `sqdf tasks`)")
+    check_task_name(name)
     config = default_task_config(name) if config is None else config
     config.validate()
     return TASKS[name](config)
@@ -110,7 +116,7 @@ def read_run_config(run_dir: str) -> tuple[str, str, RunConfig]:
         raise CheckpointError(f"{run_dir!r} has no config.yaml, so it is not a run directory of `sqdf train`")
     with open(path) as fh:
         saved = yaml.safe_load(fh)
-    run_config = default_config(saved["method_name"])
+    run_config = default_config(saved["method_name"], saved["task_name"])
     run_config.update(saved["config"])
     return saved["task_name"], saved["method_name"], run_config
 
@@ -134,7 +140,8 @@ class Trainer:
 
         from accelerate import Accelerator
 
-        self.accelerator = Accelerator(cpu=tcfg.device == "cpu", mixed_precision=tcfg.mixed_precision)
+        self.accelerator = Accelerator(cpu=tcfg.device == "cpu", mixed_precision=tcfg.mixed_precision,
+                                       gradient_accumulation_steps=tcfg.gradient_accumulation_steps)
         if tcfg.device == "cuda" and self.accelerator.device.type != "cuda":
             raise ConfigError("trainer.device='cuda' but no CUDA device is visible; use trainer.device=auto or cpu")
         self.device = self.accelerator.device
@@ -143,6 +150,9 @@ class Trainer:
         schedule = self.task.make_schedule()
         reference = self.task.build_reference(schedule, out_dir)
         model = self.task.build_policy_model(reference)
+        if getattr(self.task, "reference_in_policy", False):
+            reference = None  # the reference is the policy network with its adapters off
+        self.task.to(self.device)
         self.policy = DiffusionPolicy(model, schedule, self.task.sample_shape, reference=reference).to(self.device)
         if getattr(config.method, "estimator", None) == "consistency":
             self.policy.attach_consistency_model(self.task.consistency_model())
@@ -178,7 +188,7 @@ class Trainer:
     def state(self) -> dict:
         return {
             "iteration": self.iteration,
-            "model": self.accelerator.unwrap_model(self.policy.model).state_dict(),
+            "model": _trainable_state(self.accelerator.unwrap_model(self.policy.model)),
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "method": self.method.state_dict(),
             "generator": self.generator.get_state(),
@@ -190,7 +200,11 @@ class Trainer:
         }
 
     def load_state(self, state: dict) -> None:
-        self.accelerator.unwrap_model(self.policy.model).load_state_dict(state["model"])
+        model = self.accelerator.unwrap_model(self.policy.model)
+        if hasattr(model, "load_trainable_state_dict"):
+            model.load_trainable_state_dict(state["model"])
+        else:
+            model.load_state_dict(state["model"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
@@ -225,6 +239,8 @@ class Trainer:
                   f"{self.policy.num_steps} steps on {self.device} ({self.accelerator.num_processes} process(es)); "
                   f"alpha={self.task.alpha}; run directory {self.out_dir}"
                   + (f"; resuming at iteration {self.iteration}" if resumed else ""), flush=True)
+        if self.accelerator.is_main_process and self.method.trains:
+            self._print_batch_arithmetic()
         if not resumed:
             self._evaluate(plot_name="samples_000000_base.png")
         bar = None
@@ -278,23 +294,35 @@ class Trainer:
         self._last_rollout_reward = float(rewards.mean())
         return Rollout(traj, rewards)
 
+    def _print_batch_arithmetic(self) -> None:
+        m, acc = self.config.method, self.accelerator
+        steps = self.config.trainer.gradient_accumulation_steps
+        print(f"sqdf: batch arithmetic: {m.batch_size} chains per process x {acc.num_processes} process(es) = "
+              f"{m.batch_size * acc.num_processes} chains per iteration; gradient accumulation {steps}: each "
+              f"optimizer step sums {steps} backward pass(es) of every process (mixed precision: "
+              f"{acc.mixed_precision})", flush=True)
+
     def _optimizer_step(self, loss: torch.Tensor) -> dict:
+        """Backward, then (every gradient_accumulation_steps calls) clip each parameter group and step."""
         if not torch.isfinite(loss):
             raise ConfigError(f"the loss became {float(loss)} at iteration {self.iteration}; lower method.lr")
-        self.accelerator.backward(loss)
-        max_norm = self.config.method.max_grad_norm
-        norms = []  # each parameter group (policy, value head, ...) is clipped on its own
-        for group in self.method.param_groups():
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if max_norm > 0:
-                norms.append(self.accelerator.clip_grad_norm_(params, max_norm))
-            else:
-                norms.append(torch.norm(torch.stack([p.grad.norm() for p in params])))
-        norm = norms[0] if norms else torch.tensor(0.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.accelerator.accumulate(self.policy.model):
+            self.accelerator.backward(loss)
+            if not self.accelerator.sync_gradients:
+                return {"grad_norm": float("nan")}
+            max_norm = self.config.method.max_grad_norm
+            norms = []  # each parameter group (policy, value head, ...) is clipped on its own
+            for group in self.method.param_groups():
+                params = [p for p in group["params"] if p.grad is not None]
+                if not params:
+                    continue
+                if max_norm > 0:
+                    norms.append(self.accelerator.clip_grad_norm_(params, max_norm))
+                else:
+                    norms.append(torch.norm(torch.stack([p.grad.norm() for p in params])))
+            norm = norms[0] if norms else torch.tensor(0.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float(norm)}
 
     # ---- evaluation and logging ----------------------------------------------------------------------------
@@ -410,6 +438,14 @@ class Trainer:
 
     def _wall_seconds(self) -> float:
         return self.elapsed_before + (time.time() - getattr(self, "_start", time.time()))
+
+
+def _trainable_state(model: torch.nn.Module) -> dict:
+    """What a checkpoint keeps of the policy network: its adapters only when it says so (LoRA on a large frozen
+    base), else the whole state dict."""
+    if hasattr(model, "trainable_state_dict"):
+        return model.trainable_state_dict()
+    return model.state_dict()
 
 
 def _seed_everything(seed: int) -> None:

@@ -111,7 +111,7 @@ def write_tiny_pipeline(kind: str, path: str, seed: int = 0) -> str:
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=CLIPTextModel(tiny_clip_text_config()), tokenizer=tokenizer, unet=tiny_unet(),
             scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                    num_train_timesteps=1000, clip_sample=False),
+                                    num_train_timesteps=1000, clip_sample=False, steps_offset=1),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     elif kind == "sdxl":
         pipe = StableDiffusionXLPipeline(
@@ -119,7 +119,7 @@ def write_tiny_pipeline(kind: str, path: str, seed: int = 0) -> str:
             text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config()), tokenizer=tokenizer,
             tokenizer_2=tokenizer, unet=tiny_unet(2 * TINY_TEXT_DIM, sdxl=True),
             scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                    num_train_timesteps=1000, clip_sample=False))
+                                    num_train_timesteps=1000, clip_sample=False, steps_offset=1))
     else:
         pipe = StableDiffusion3Pipeline(
             transformer=tiny_sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -130,4 +130,82 @@ def write_tiny_pipeline(kind: str, path: str, seed: int = 0) -> str:
     import shutil
 
     shutil.rmtree(tok_dir, ignore_errors=True)
+    return path
+
+
+def write_tiny_clip_folder(path: str, seed: int = 0) -> str:
+    """A tiny random transformers CLIPModel folder with its tokenizer (the CLIP score / PickScore / converted HPSv2
+    layout); returns ``path``."""
+    from transformers import CLIPModel
+
+    torch.manual_seed(seed)
+    os.makedirs(path, exist_ok=True)
+    CLIPModel(tiny_clip_config()).save_pretrained(path)
+    write_tiny_tokenizer(path)
+    return path
+
+
+def write_tiny_aesthetic(path: str, seed: int = 0) -> str:
+    """The aesthetic reward layout (``clip/`` + MLP head file) with tiny random weights; returns ``path``."""
+    from .rewards.aesthetic import MLP_FILE, AestheticMLP
+
+    write_tiny_clip_folder(os.path.join(path, "clip"), seed)
+    torch.manual_seed(seed + 1)
+    torch.save(AestheticMLP(TINY_TEXT_DIM).state_dict(), os.path.join(path, MLP_FILE))
+    return path
+
+
+TINY_REWARD_WRITERS = {"aesthetic": write_tiny_aesthetic, "clip": write_tiny_clip_folder,
+                       "pickscore": write_tiny_clip_folder, "hpsv2": write_tiny_clip_folder}
+
+
+def write_tiny_reward_weights(spec: str, cache_dir: str | None = None) -> str | None:
+    """Tiny random weights for every term of a reward spec that needs weights, written once into a cache folder;
+    returns the ``reward_weights`` string for ``load_reward`` (None when no term needs weights)."""
+    from ..errors import ConfigError
+    from .rewards import NO_WEIGHTS, parse_reward_spec
+
+    root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "sqdf", "tiny", "rewards-v1")
+    entries = []
+    for _, name in parse_reward_spec(spec):
+        if name in NO_WEIGHTS:
+            continue
+        if name not in TINY_REWARD_WRITERS:
+            raise ConfigError(f"--tiny has no random stand-in for the {name} reward; pass --reward-weights, or use "
+                              f"one of {sorted(TINY_REWARD_WRITERS)}")
+        path = os.path.join(root, name)
+        if not os.path.exists(os.path.join(path, ".done")):
+            TINY_REWARD_WRITERS[name](path)
+            open(os.path.join(path, ".done"), "w").close()
+        entries.append(f"{name}={path}")
+    if not entries:
+        return None
+    return entries[0].split("=", 1)[1] if len(entries) == 1 else ",".join(entries)
+
+
+def write_tiny_lcm_lora(path: str, seed: int = 0, rank: int = 4) -> str:
+    """A random LCM-LoRA for the tiny sd15 UNet in the diffusers LoRA file format; returns ``path``."""
+    from diffusers import StableDiffusionPipeline
+
+    from .adapters import diffusers_lora_layers, add_policy_lora
+
+    torch.manual_seed(seed)
+    unet = tiny_unet()
+    add_policy_lora(unet, rank)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=diffusers_lora_layers(unet))
+    return path
+
+
+def write_tiny_lcm_unet(path: str, seed: int = 0) -> str:
+    """A random w-conditioned LCM UNet folder (time_cond_proj_dim 16) of the tiny sd15 family; returns ``path``."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    config = dict(tiny_unet().config)
+    config["time_cond_proj_dim"] = 16
+    UNet2DConditionModel.from_config(config).save_pretrained(path)
     return path

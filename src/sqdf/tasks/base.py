@@ -151,6 +151,10 @@ class Task(ABC):
         save_file(tensors, tmp, metadata={"task": self.name})
         os.replace(tmp, path)
 
+    def to(self, device) -> "Task":
+        """Move what the task holds outside the policy (frozen decoders, reward models) to the device."""
+        return self
+
     def consistency_model(self) -> nn.Module | None:
         """A frozen consistency model f(x, t, cond) -> x0 of the reference sampler, when the task ships one."""
         return None

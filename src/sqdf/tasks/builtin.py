@@ -1,4 +1,5 @@
-"""The built-in tasks: toy tasks with known optima (BENCHMARKS.md tasks 1-3) and the digits image task (4)."""
+"""The built-in tasks: toy tasks with known optima (BENCHMARKS.md tasks 1-3), the digits image task (4) and the
+Stable-Diffusion-class text-to-image presets (5; diffusers backend, ``--model DIR`` or ``--tiny``)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,26 @@ def mix25to9(config: TaskConfig) -> MixtureTask:
                        exact_target=ExactTarget(target, 0.0))
 
 
+def _diffusers(kind: str, reward: str, description: str):
+    """Import the diffusers backend only when a diffusers task is built."""
+
+    def build(config: TaskConfig):
+        from ..sd.task import diffusers_task
+
+        return diffusers_task(kind, reward, description)(config)
+
+    build.__doc__ = description
+    return build
+
+
+SD_TASKS = {
+    "sd15-aesthetic": ("sd15", "aesthetic", "SD1.5-style UNet + LoRA, LAION aesthetic reward, 45 animal prompts"),
+    "sd15-hps": ("sd15", "hpsv2", "SD1.5-style UNet + LoRA, HPSv2 reward, 45 animal prompts"),
+    "sdxl-aesthetic": ("sdxl", "aesthetic", "SDXL-style UNet (two text encoders) + LoRA, aesthetic reward"),
+    "sd3-aesthetic": ("sd3", "aesthetic", "SD3-style flow transformer (stochastic flow sampler) + LoRA, "
+                                          "aesthetic reward"),
+}
+
 TASKS = {
     "gmm1": gmm1,
     "gmm2": gmm2,
@@ -76,19 +97,33 @@ TASKS = {
     "gaussian": gaussian,
     "gaussian-quadratic": gaussian_quadratic,
     "digits": digits,
+    **{name: _diffusers(*spec) for name, spec in SD_TASKS.items()},
 }
 
 # Task options that differ from TaskConfig's defaults for a task (its model fixes them), applied first.
+_SD_SAMPLER = {"sd15": {"num_inference_steps": 50, "guidance_scale": 5.0},
+               "sdxl": {"num_inference_steps": 50, "guidance_scale": 5.0},
+               "sd3": {"num_inference_steps": 28, "guidance_scale": 7.0}}
 TASK_DEFAULTS: dict[str, dict] = {
     "digits": {"schedule": "cosine", "num_inference_steps": 20, "clip_sample": 1.0},
+    **{name: {"reward": reward, **_SD_SAMPLER[kind]} for name, (kind, reward, _) in SD_TASKS.items()},
 }
 
 
+def task_config_class(task: str) -> type:
+    """The config dataclass of a task's ``task:`` section (diffusers tasks add model, reward and LoRA options)."""
+    if task in SD_TASKS:
+        from ..sd.task import DiffusersTaskConfig
+
+        return DiffusersTaskConfig
+    return TaskConfig
+
+
 def default_task_config(task: str) -> TaskConfig:
-    """TaskConfig with the task's own defaults (TASK_DEFAULTS) applied."""
+    """The task's config with its own defaults (TASK_DEFAULTS) applied."""
     import dataclasses
 
-    return dataclasses.replace(TaskConfig(), **TASK_DEFAULTS.get(task, {}))
+    return dataclasses.replace(task_config_class(task)(), **TASK_DEFAULTS.get(task, {}))
 
 
 # Settings tuned per task and method (see BENCHMARKS.md for how), applied before --config and --set.
@@ -104,7 +139,32 @@ PRESETS: dict[str, dict[str, dict]] = {
         "*": {"trainer": {"eval_samples": 512, "eval_every": 25}},
         "sqdf": {"method": {"estimator": "consistency", "gamma": 1.0, "lr": 3e-5}, "trainer": {"steps": 300}},
     },
+    # Stable Diffusion: the official SQDF setting (LoRA rank 4, lr 1e-3, gamma 0.9, buffer 1024) per process;
+    # small evaluations (each decodes every sample through the VAE)
+    **{name: {"*": {"trainer": {"steps": 200, "eval_samples": 64, "eval_every": 25, "checkpoint_every": 10},
+                    "method": {"batch_size": 8}},
+              "sqdf": {"method": {"lr": 1e-3, "gamma": 0.9, "buffer_size": 1024}},
+              "ddpo": {"method": {"lr": 3e-4}},
+              "dpok": {"method": {"pairs_per_step": 64, "inner_steps": 1}},
+              "prdp": {"method": {"group_size": 4, "inner_steps": 1}},
+              "fk_steering": {"method": {"particles": 4}},
+              "best_of_n": {"method": {"n": 4}}}
+       for name in SD_TASKS},
 }
+
+# `--tiny`: random tiny models of the family and a few iterations, so that a preset runs end to end on a CPU
+_TINY = {"task": {"tiny": True, "num_inference_steps": 4},
+         "trainer": {"steps": 2, "eval_samples": 4, "eval_every": 0, "checkpoint_every": 1},
+         "method": {"batch_size": 2}}
+_TINY_METHOD = {"dpok": {"pairs_per_step": 4}, "prdp": {"group_size": 2}, "fk_steering": {"particles": 2},
+                "best_of_n": {"n": 2}}
+
+
+def tiny_overrides(method: str) -> dict:
+    """Config overrides of `--tiny` for a method (nested {section: {field: value}})."""
+    out = {section: dict(values) for section, values in _TINY.items()}
+    out["method"].update(_TINY_METHOD.get(method, {}))
+    return out
 
 
 def presets(task: str, method: str) -> dict:

@@ -140,8 +140,7 @@ class Trainer:
 
         from accelerate import Accelerator
 
-        self.accelerator = Accelerator(cpu=tcfg.device == "cpu", mixed_precision=tcfg.mixed_precision,
-                                       gradient_accumulation_steps=tcfg.gradient_accumulation_steps)
+        self.accelerator = Accelerator(cpu=tcfg.device == "cpu", mixed_precision=tcfg.mixed_precision)
         if tcfg.device == "cuda" and self.accelerator.device.type != "cuda":
             raise ConfigError("trainer.device='cuda' but no CUDA device is visible; use trainer.device=auto or cpu")
         self.device = self.accelerator.device
@@ -197,6 +196,10 @@ class Trainer:
             "python_rng": list(random.getstate()[1]),
             "reward_queries": self.reward.queries,
             "wall_seconds": self._wall_seconds(),
+            # gradient accumulation: the backward passes summed so far toward the next optimizer step
+            "micro_steps": getattr(self, "_micro_steps", 0),
+            "pending_grads": [None if p.grad is None else p.grad.detach().cpu().clone()
+                              for p in self._optimized_parameters()],
         }
 
     def load_state(self, state: dict) -> None:
@@ -216,6 +219,12 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.reward.queries = int(state["reward_queries"])
         self.elapsed_before = float(state["wall_seconds"])
+        self._micro_steps = int(state.get("micro_steps", 0))
+        for p, g in zip(self._optimized_parameters(), state.get("pending_grads", [])):
+            p.grad = None if g is None else g.to(p.device)
+
+    def _optimized_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.method.param_groups() for p in group["params"]] if self.method.trains else []
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -306,23 +315,26 @@ class Trainer:
         """Backward, then (every gradient_accumulation_steps calls) clip each parameter group and step."""
         if not torch.isfinite(loss):
             raise ConfigError(f"the loss became {float(loss)} at iteration {self.iteration}; lower method.lr")
-        with self.accelerator.accumulate(self.policy.model):
-            self.accelerator.backward(loss)
-            if not self.accelerator.sync_gradients:
-                return {"grad_norm": float("nan")}
-            max_norm = self.config.method.max_grad_norm
-            norms = []  # each parameter group (policy, value head, ...) is clipped on its own
-            for group in self.method.param_groups():
-                params = [p for p in group["params"] if p.grad is not None]
-                if not params:
-                    continue
-                if max_norm > 0:
-                    norms.append(self.accelerator.clip_grad_norm_(params, max_norm))
-                else:
-                    norms.append(torch.norm(torch.stack([p.grad.norm() for p in params])))
-            norm = norms[0] if norms else torch.tensor(0.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        steps = self.config.trainer.gradient_accumulation_steps
+        self._micro_steps = getattr(self, "_micro_steps", 0) + 1
+        if self._micro_steps % steps:  # not the last of the group: keep the gradient local (no DDP all-reduce)
+            with self.accelerator.no_sync(self.policy.model):
+                self.accelerator.backward(loss / steps)
+            return {"grad_norm": float("nan")}
+        self.accelerator.backward(loss / steps)
+        max_norm = self.config.method.max_grad_norm
+        norms = []  # each parameter group (policy, value head, ...) is clipped on its own
+        for group in self.method.param_groups():
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if max_norm > 0:
+                norms.append(self.accelerator.clip_grad_norm_(params, max_norm))
+            else:
+                norms.append(torch.norm(torch.stack([p.grad.norm() for p in params])))
+        norm = norms[0] if norms else torch.tensor(0.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float(norm)}
 
     # ---- evaluation and logging ----------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def _sample(args) -> int:
     samples, cond, rewards = sample_run(run, args.n, args.seed, args.cond, args.reference)
     who = "reference (base) model" if args.reference else f"{run.method_name} at iteration {run.iteration}"
     title = f"{run.task_name}: {who}, mean reward {float(rewards.mean()):.3f}"
-    if len(run.task.sample_shape) == 3:
+    if len(run.task.sample_shape) == 3 and not hasattr(run.task, "decode"):  # digits; latents are decoded by plot
         from .digits.pictures import save_grid
 
         save_grid(samples, args.out, ncol=min(8, args.n), title=title)

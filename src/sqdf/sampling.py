@@ -39,8 +39,7 @@ def _locate(path: str) -> tuple[str, str | None]:
 def load_run(path: str, device: str = "cpu") -> LoadedRun:
     """Rebuild a finished or interrupted run's policy from its config.yaml and a checkpoint."""
     from .checkpoint import load_latest_checkpoint
-    from .policy import DiffusionPolicy
-    from .trainer import make_task, method_class, read_run_config
+    from .trainer import build_policy, load_trainable_state, make_task, method_class, read_run_config
 
     run_dir, ckpt = _locate(path)
     task_name, method_name, config = read_run_config(run_dir)
@@ -53,13 +52,8 @@ def load_run(path: str, device: str = "cpu") -> LoadedRun:
         except Exception as exc:  # noqa: BLE001 - any failure to read means a damaged file
             raise CheckpointError(f"checkpoint {ckpt!r} is corrupted or not a sqdf checkpoint ({exc})") from exc
     task = make_task(task_name, config.task)
-    schedule = task.make_schedule()
-    reference = task.build_reference(schedule, run_dir)
-    model = task.build_policy_model(reference)
-    model.load_state_dict(state["model"])
-    policy = DiffusionPolicy(model, schedule, task.sample_shape, reference=reference).to(device)
-    if getattr(config.method, "estimator", None) == "consistency":
-        policy.attach_consistency_model(task.consistency_model())
+    policy = build_policy(task, config, run_dir, torch.device(device))
+    load_trainable_state(policy.model, state["model"])
     method = method_class(method_name)(config.method, policy, task.alpha)
     method.to(device)
     return LoadedRun(task_name, method_name, iteration, config, task, policy, method)

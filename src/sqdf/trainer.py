@@ -146,15 +146,7 @@ class Trainer:
         self.device = self.accelerator.device
         _seed_everything(tcfg.seed)
 
-        schedule = self.task.make_schedule()
-        reference = self.task.build_reference(schedule, out_dir)
-        model = self.task.build_policy_model(reference)
-        if getattr(self.task, "reference_in_policy", False):
-            reference = None  # the reference is the policy network with its adapters off
-        self.task.to(self.device)
-        self.policy = DiffusionPolicy(model, schedule, self.task.sample_shape, reference=reference).to(self.device)
-        if getattr(config.method, "estimator", None) == "consistency":
-            self.policy.attach_consistency_model(self.task.consistency_model())
+        self.policy = build_policy(self.task, config, out_dir, self.device)
         self.reward = CheckedReward(self.task.reward, name=f"{task_name} reward")
         self.inference_reward = CheckedReward(self.task.reward, name=f"{task_name} reward")
         self.method: Method = cls(config.method, self.policy, self.task.alpha)
@@ -203,11 +195,7 @@ class Trainer:
         }
 
     def load_state(self, state: dict) -> None:
-        model = self.accelerator.unwrap_model(self.policy.model)
-        if hasattr(model, "load_trainable_state_dict"):
-            model.load_trainable_state_dict(state["model"])
-        else:
-            model.load_state_dict(state["model"])
+        load_trainable_state(self.accelerator.unwrap_model(self.policy.model), state["model"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
@@ -450,6 +438,29 @@ class Trainer:
 
     def _wall_seconds(self) -> float:
         return self.elapsed_before + (time.time() - getattr(self, "_start", time.time()))
+
+
+def build_policy(task: Task, config: RunConfig, out_dir: str | None, device) -> DiffusionPolicy:
+    """The task's policy on ``device``: trainable denoiser, frozen reference (a copy, or the same network with its
+    adapters off) and, for the consistency estimator, the task's consistency model."""
+    schedule = task.make_schedule()
+    reference = task.build_reference(schedule, out_dir)
+    model = task.build_policy_model(reference)
+    if getattr(task, "reference_in_policy", False):
+        reference = None  # the reference is the policy network with its adapters off
+    task.to(device)
+    policy = DiffusionPolicy(model, schedule, task.sample_shape, reference=reference).to(device)
+    if getattr(config.method, "estimator", None) == "consistency":
+        policy.attach_consistency_model(task.consistency_model())
+    return policy
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict) -> None:
+    """Inverse of ``_trainable_state``."""
+    if hasattr(model, "load_trainable_state_dict"):
+        model.load_trainable_state_dict(state)
+    else:
+        model.load_state_dict(state)
 
 
 def _trainable_state(model: torch.nn.Module) -> dict:

@@ -208,3 +208,14 @@ def test_cli_tiny_preset_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
     assert main(["train", "digits", "--tiny", "--out", str(tmp_path / "d")]) == 2
     assert "apply to the diffusers tasks" in capsys.readouterr().err
+
+
+def test_sample_command_reloads_the_lora_run(sd_run, tmp_path, capsys):
+    from sqdf.cli import main
+
+    trainer = sd_run("sd15-aesthetic", "sqdf", out=str(tmp_path / "run"))
+    trainer.train()
+    out = tmp_path / "s.png"
+    assert main(["sample", str(tmp_path / "run"), "--n", "2", "--cond", "3,4", "--out", str(out)]) == 0
+    assert out.exists() and (tmp_path / "s.safetensors").exists()
+    assert "sd15-aesthetic: sqdf at iteration 1" in capsys.readouterr().out

@@ -42,6 +42,7 @@ def load_consistency_model(task, path: str | None) -> LatentConsistencyModel:
                           "use method.estimator=tweedie")
     if task.denoiser is None:
         raise ConfigError("build the policy (task.build_reference / build_policy_model) before the consistency model")
+    path = os.path.expanduser(path)
     if not os.path.exists(path):
         raise MissingWeightsError(f"task.consistency_path={path!r} does not exist; expected {SOURCE}")
     schedule_abar = task._alphas_cumprod

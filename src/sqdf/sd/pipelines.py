@@ -34,6 +34,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def pipeline_kind(path: str) -> str:
     """'sd15', 'sdxl' or 'sd3' from the folder's model_index.json; clear errors for anything else."""
+    path = os.path.expanduser(path)
     index = os.path.join(path, "model_index.json")
     if not os.path.isdir(path):
         raise MissingWeightsError(f"task.model={path!r} does not exist; pass --model DIR with a diffusers pipeline "
@@ -54,6 +55,7 @@ def load_pipeline(path: str, expected_kind: str | None = None, dtype: torch.dtyp
     since fp16 SD VAEs overflow). Checks the kind against ``expected_kind`` when given."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    path = os.path.expanduser(path)
     kind = pipeline_kind(path)
     if expected_kind is not None and kind != expected_kind:
         raise ConfigError(f"task.model={path!r} is a {kind} pipeline but this task expects {expected_kind}: "

@@ -76,6 +76,38 @@ def adapters_active(net: nn.Module, names: list[str] | None):
             layer._active_adapter, layer._disable_adapters = active, disabled
 
 
+def adapter_aware_checkpointing(net: nn.Module):
+    """A ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing`` that recomputes each block
+    with the adapters that were active when it first ran. Plain checkpointing recomputes in the backward pass with
+    whatever is active then, so a block first run as the reference (adapters off; SQDF's Tweedie estimate) would be
+    recomputed as the policy and torch would refuse the mismatch."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = _tuner_layers(net)
+
+    def snapshot():
+        return [(layer, layer._active_adapter, layer._disable_adapters) for layer in layers]
+
+    def restore(state):
+        for layer, active, disabled in state:
+            layer._active_adapter, layer._disable_adapters = active, disabled
+
+    def func(module, *args):
+        at_forward = snapshot()
+
+        def run(*inner):
+            now = snapshot()
+            restore(at_forward)
+            try:
+                return module(*inner)
+            finally:
+                restore(now)
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+    return func
+
+
 def policy_lora_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
     """The ``policy`` adapter's LoRA matrices keyed by their parameter names (for checkpoints)."""
     return {name: p.detach().clone() for name, p in net.named_parameters()

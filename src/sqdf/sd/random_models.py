@@ -138,7 +138,7 @@ def write_random_sd15_pipeline(path: str, seed: int = 0, dtype: torch.dtype = to
     what = {"kind": "sd15", "seed": seed, "dtype": _dtype_name(dtype), "version": _VERSION,
             "note": "random weights with Stable Diffusion 1.5's architecture: for speed and memory measurements only"}
     if configs is not None:
-        what["configs"] = cfg
+        what["configs"] = json.loads(json.dumps(cfg))
     if _existing(path, what):
         return path
     tmp = f"{os.path.abspath(path)}.tmp{os.getpid()}"
@@ -177,7 +177,7 @@ def write_random_aesthetic(path: str, seed: int = 0, dtype: torch.dtype = torch.
     what = {"kind": "aesthetic", "seed": seed, "dtype": _dtype_name(dtype), "version": _VERSION,
             "note": "random weights with the aesthetic predictor's architecture (CLIP ViT-L/14 vision + MLP)"}
     if vision_config is not None:
-        what["configs"] = vcfg
+        what["configs"] = json.loads(json.dumps(vcfg))
     if _existing(path, what):
         return path
     tmp = f"{os.path.abspath(path)}.tmp{os.getpid()}"

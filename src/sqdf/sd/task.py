@@ -125,12 +125,12 @@ class DiffusersTask(Task):
         return self.denoiser
 
     def build_policy_model(self, reference: nn.Module) -> nn.Module:
-        from .adapters import TRANSFORMER_TARGETS, UNET_TARGETS, add_policy_lora
+        from .adapters import TRANSFORMER_TARGETS, UNET_TARGETS, adapter_aware_checkpointing, add_policy_lora
 
         targets = TRANSFORMER_TARGETS if self.kind == "sd3" else UNET_TARGETS
         add_policy_lora(reference.net, self.config.lora_rank, self.config.lora_alpha, targets)
         if self.config.gradient_checkpointing:
-            reference.net.enable_gradient_checkpointing()
+            reference.net.enable_gradient_checkpointing(adapter_aware_checkpointing(reference.net))
             self.vae.enable_gradient_checkpointing()
         return reference
 

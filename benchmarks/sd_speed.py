@@ -330,11 +330,13 @@ def iteration_descriptions(args, env: dict) -> list[str]:
                 f"reference step, a reference Tweedie x0 estimate (gradients through the state), and VAE decode + "
                 f"reward of the estimate with gradients.")
         elif method == "ddpo":
+            chunk = cfg.transition_chunk if cfg.transition_chunk > 0 else B * T
+            chunk = min(chunk, B * T)
             out.append(
                 f"**ddpo**: the same rollout as SQDF's; then {cfg.num_inner_epochs} inner epoch x "
                 f"{cfg.num_minibatches} minibatch = 1 PPO gradient step on all {B} x {T} = {B * T} transitions, "
-                f"scored in one guided policy UNet call with gradients (a CFG batch of {2 * B * T}); no VAE or reward "
-                f"gradients.")
+                f"scored {chunk} at a time ({-(-B * T // chunk)} guided policy UNet call(s) with gradients, CFG "
+                f"batches of {2 * chunk}, one backward pass each, gradients summed); no VAE or reward gradients.")
         else:
             window = alignprop_window(args)
             k = (f"the last K = {window[0]} with gradients (K fixed: the method draws K ~ U{{{min_k}..T}} per "

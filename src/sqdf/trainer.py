@@ -247,7 +247,7 @@ class Trainer:
             bar = tqdm(total=tcfg.steps, initial=self.iteration, desc=f"{self.method_name} on {self.task_name}")
         while self.method.trains and self.iteration < tcfg.steps and not self._budget_spent():
             ctx = IterationContext(self.iteration, self.generator, self._rollout, self.reward, self._optimizer_step,
-                                   self._conditions)
+                                   self._conditions, self._backward_only)
             self._last_rollout_reward = float("nan")
             queries_before = self.reward.queries
             stats = self.method.train_iteration(ctx)
@@ -298,6 +298,13 @@ class Trainer:
               f"{m.batch_size * acc.num_processes} chains per iteration; gradient accumulation {steps}: each "
               f"optimizer step sums {steps} backward pass(es) of every process (mixed precision: "
               f"{acc.mixed_precision})", flush=True)
+
+    def _backward_only(self, loss: torch.Tensor) -> None:
+        """Accumulate loss's gradient locally (no DDP all-reduce, no step): a chunk of the next optimizer step."""
+        if not torch.isfinite(loss):
+            raise ConfigError(f"the loss became {float(loss)} at iteration {self.iteration}; lower method.lr")
+        with self.accelerator.no_sync(self.policy.model):
+            self.accelerator.backward(loss / self.config.trainer.gradient_accumulation_steps)
 
     def _optimizer_step(self, loss: torch.Tensor) -> dict:
         """Backward, then (every gradient_accumulation_steps calls) clip each parameter group and step."""

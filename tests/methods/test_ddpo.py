@@ -66,3 +66,25 @@ def test_ddpo_improves_reward(train_on_gaussian):
     base, final = train_on_gaussian("ddpo", steps=25, **{"method.lr": 3e-3, "method.clip_range": 0.1,
                                                                    "method.batch_size": 32})
     assert final["reward_mean"] > base["reward_mean"] + 0.3
+
+
+def test_transition_chunks_give_the_same_update(tmp_path):
+    """Chunked forward/backward passes inside one gradient step (ctx.backward, then optimizer_step) update the
+    policy exactly as one pass over all B x T transitions."""
+    from sqdf.trainer import Trainer, default_config
+
+    def params_after(chunk: int):
+        cfg = default_config("ddpo", "gaussian")
+        cfg.update({"trainer": {"device": "cpu", "progress": False, "tensorboard": False, "plots": False,
+                                "steps": 1, "eval_samples": 16, "floor": False},
+                    "task": {"num_inference_steps": 6},
+                    "method": {"batch_size": 8, "transition_chunk": chunk, "num_inner_epochs": 1, "lr": 1e-2}})
+        trainer = Trainer("gaussian", "ddpo", cfg, str(tmp_path / f"c{chunk}"))
+        start = torch.cat([p.detach().flatten().clone() for p in trainer.policy.trainable_parameters()])
+        trainer.train()
+        return start, torch.cat([p.detach().flatten() for p in trainer.policy.trainable_parameters()])
+
+    start, whole = params_after(0)
+    _, chunked = params_after(7)  # 48 transitions in chunks of 7 (the last one shorter)
+    assert not torch.equal(start, whole)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-7)

@@ -3,7 +3,8 @@
 The Trainer calls ``method.train_iteration(ctx)`` once per iteration. The method draws samples through
 ``ctx.rollout(n)`` (scored and counted), evaluates the reward through ``ctx.reward`` (counted), draws conditions
 through ``ctx.conditions(n)`` when it samples by itself, and applies gradient steps through
-``ctx.optimizer_step(loss)`` as often as it likes. It never sees the Trainer itself.
+``ctx.optimizer_step(loss)`` as often as it likes; a step too large for one backward pass sends all but its last
+chunk through ``ctx.backward(chunk_loss)`` first. It never sees the Trainer itself.
 
 Evaluation draws samples through ``method.generate``: the policy's sampler for trained methods; inference-time
 methods (``trains = False``: best-of-N, FK steering) override it and spend reward queries per sample there.
@@ -58,6 +59,8 @@ class IterationContext:
     reward: Callable  # reward(x, cond) -> [B], differentiable where the task is; counts B queries per call
     optimizer_step: Callable[[torch.Tensor], dict]  # backward, clip, step, zero_grad; returns {"grad_norm": ..}
     conditions: Callable[[int], "torch.Tensor | None"] = lambda n: None  # task conditions for n samples
+    # backward(loss): add loss's gradient without stepping (chunks of one big step; the last goes to optimizer_step)
+    backward: "Callable[[torch.Tensor], None] | None" = None
 
 
 @dataclass

@@ -35,8 +35,12 @@ class DDPOConfig(MethodConfig):
     stat_buffer_size: int = option(16, "rewards kept per condition for advantage normalization")
     stat_min_count: int = option(16, "rewards a condition needs before its own statistics are used")
     kl_coef: float = option(0.0, "reward shaping r - kl_coef * path KL; 0 is the original DDPO")
+    transition_chunk: int = option(0, "transitions per forward/backward pass inside one gradient step (0: all at "
+                                   "once); large models need it: B x T transitions rarely fit in one pass")
 
     def validate(self) -> None:
+        if self.transition_chunk < 0:
+            raise ConfigError(f"method.transition_chunk={self.transition_chunk} must be >= 0 (0: no chunking)")
         super().validate()
         if not self.clip_range > 0:
             raise ConfigError(f"method.clip_range={self.clip_range} must be > 0")
@@ -114,12 +118,26 @@ class DDPO(Method):
             for chains in perm.to(traj.states.device).chunk(cfg.num_minibatches):
                 x, x_next, k = transition_batch(traj.states, chains)
                 cond = repeat_cond(traj.cond, chains, T)
-                log_prob = self.policy.step_log_prob(x, x_next, k, cond)
-                log_ratio = log_prob - traj.log_probs[chains].reshape(-1)
-                loss = ppo_clip_loss(log_ratio, adv[chains].repeat_interleave(T), cfg.clip_range)
-                stats = ctx.optimizer_step(loss)
-                losses.append(float(loss.detach()))
-                fracs.append(float(((log_ratio.detach().exp() - 1).abs() > cfg.clip_range).float().mean()))
+                old = traj.log_probs[chains].reshape(-1)
+                advantages = adv[chains].repeat_interleave(T)
+                total = x.shape[0]
+                size = cfg.transition_chunk if cfg.transition_chunk > 0 and ctx.backward is not None else total
+                loss_sum, clipped = 0.0, 0.0
+                for start in range(0, total, size):  # the mean over all transitions, one chunk's share at a time
+                    part = slice(start, min(start + size, total))
+                    log_prob = self.policy.step_log_prob(x[part], x_next[part], k[part],
+                                                         None if cond is None else cond[part])
+                    log_ratio = log_prob - old[part]
+                    n_part = log_ratio.shape[0]
+                    loss = ppo_clip_loss(log_ratio, advantages[part], cfg.clip_range) * (n_part / total)
+                    if part.stop < total:
+                        ctx.backward(loss)
+                    else:
+                        stats = ctx.optimizer_step(loss)
+                    loss_sum += float(loss.detach())
+                    clipped += float(((log_ratio.detach().exp() - 1).abs() > cfg.clip_range).float().sum())
+                losses.append(loss_sum)
+                fracs.append(clipped / total)
                 grad_norms.append(stats["grad_norm"])
         n = len(losses)
         return {"loss": sum(losses) / n, "clip_fraction": sum(fracs) / n, "grad_norm": sum(grad_norms) / n,

@@ -144,7 +144,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     **{name: {"*": {"trainer": {"steps": 200, "eval_samples": 64, "eval_every": 25, "checkpoint_every": 10},
                     "method": {"batch_size": 8}},
               "sqdf": {"method": {"lr": 1e-3, "gamma": 0.9, "buffer_size": 1024}},
-              "ddpo": {"method": {"lr": 3e-4}},
+              "ddpo": {"method": {"lr": 3e-4, "transition_chunk": 8}},  # 8 transitions per UNet pass
               "dpok": {"method": {"pairs_per_step": 64, "inner_steps": 1}},
               "prdp": {"method": {"group_size": 4, "inner_steps": 1}},
               "fk_steering": {"method": {"particles": 4}},

@@ -124,6 +124,21 @@ def _publish(tmp: str, path: str, what: dict) -> str:
     return path
 
 
+def _write_once(path: str, what: dict, write) -> str:
+    """Reuse a completed folder at ``path`` made with the same ``what``; else ``write(tmp)`` a temporary folder and
+    publish it atomically (removed again if writing fails)."""
+    if _existing(path, what):
+        return path
+    tmp = f"{os.path.abspath(path)}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        return _publish(tmp, path, what)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_random_sd15_pipeline(path: str, seed: int = 0, dtype: torch.dtype = torch.float16,
                                configs: dict[str, dict] | None = None) -> str:
     """A StableDiffusionPipeline folder with SD1.5's architecture and random weights (in ``dtype``) at ``path``;
@@ -139,11 +154,8 @@ def write_random_sd15_pipeline(path: str, seed: int = 0, dtype: torch.dtype = to
             "note": "random weights with Stable Diffusion 1.5's architecture: for speed and memory measurements only"}
     if configs is not None:
         what["configs"] = json.loads(json.dumps(cfg))
-    if _existing(path, what):
-        return path
-    tmp = f"{os.path.abspath(path)}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(tmp: str) -> None:
         with torch.random.fork_rng(devices=[]), _quiet_diffusers():
             torch.manual_seed(seed)
             unet = UNet2DConditionModel(**cfg["unet"]).to(dtype)
@@ -156,12 +168,9 @@ def write_random_sd15_pipeline(path: str, seed: int = 0, dtype: torch.dtype = to
                                        feature_extractor=None, requires_safety_checker=False)
         with _quiet_diffusers():
             pipe.save_pretrained(tmp, safe_serialization=True)
-        del pipe, unet, vae, text_encoder
         shutil.rmtree(os.path.join(tmp, "_tokenizer_build"), ignore_errors=True)
-        return _publish(tmp, path, what)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    return _write_once(path, what, write)
 
 
 def write_random_aesthetic(path: str, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -178,11 +187,8 @@ def write_random_aesthetic(path: str, seed: int = 0, dtype: torch.dtype = torch.
             "note": "random weights with the aesthetic predictor's architecture (CLIP ViT-L/14 vision + MLP)"}
     if vision_config is not None:
         what["configs"] = json.loads(json.dumps(vcfg))
-    if _existing(path, what):
-        return path
-    tmp = f"{os.path.abspath(path)}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(tmp: str) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**vcfg)).to(dtype)
@@ -190,8 +196,5 @@ def write_random_aesthetic(path: str, seed: int = 0, dtype: torch.dtype = torch.
         os.makedirs(tmp)
         clip.save_pretrained(os.path.join(tmp, "clip"))
         torch.save(mlp.state_dict(), os.path.join(tmp, MLP_FILE))
-        del clip, mlp
-        return _publish(tmp, path, what)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    return _write_once(path, what, write)

@@ -54,6 +54,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--reference", action="store_true", help="sample the frozen base model instead (to compare)")
 
+    x = sub.add_parser("blackbox", help="online black-box optimization: a query budget on a hidden oracle, a proxy "
+                       "refit each round, any method as the inner optimizer")
+    x.add_argument("task", nargs="?", help="task name (its reward becomes the hidden oracle)")
+    x.add_argument("--budget", type=int, default=1024, help="oracle queries in all (hard limit; default 1024)")
+    x.add_argument("--method", default=DEFAULT_METHOD, help="inner fine-tuning method (default: sqdf)")
+    x.add_argument("--proxy", default="ensemble", choices=("ensemble", "ucb"), help="proxy reward model")
+    x.add_argument("--rounds", default="1,2,4,8", help="budget shares per round (default 1,2,4,8)")
+    x.add_argument("--noise", type=float, default=0.1, help="oracle observation noise std (default 0.1)")
+    x.add_argument("--inner-steps", type=int, default=50, help="fine-tuning iterations per round (default 50)")
+    x.add_argument("--eval-samples", type=int, default=512, help="samples per true-reward evaluation")
+    x.add_argument("--seed", type=int, default=0, help="seed of the run")
+    x.add_argument("--out", help="run directory (default: runs/blackbox-TASK-METHOD-seedS-TIMESTAMP)")
+    x.add_argument("--resume", metavar="DIR", help="continue a killed run (no label is bought twice)")
+    x.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the inner run's config, e.g. --set method.lr=1e-4 (repeatable)")
+
     from . import bench
 
     b = sub.add_parser("bench", help="compare methods on tasks over seeds at the same training reward-query budget")
@@ -193,6 +209,41 @@ def _sample(args) -> int:
     return 0
 
 
+def _blackbox(args) -> int:
+    from .blackbox.loop import BlackboxConfig, BlackboxRun
+
+    if args.resume:
+        run = BlackboxRun.resume(args.resume)
+        out = args.resume
+    else:
+        if not args.task:
+            raise SqdfError("name a task (e.g. `sqdf blackbox gmm1 --budget 512`) or pass --resume DIR")
+        from .config import parse_assignment
+        from .trainer import check_task_name, default_config, method_class
+
+        method_class(args.method)
+        check_task_name(args.task)
+        run_config = default_config(args.method, args.task)
+        run_config.update({"trainer": {"seed": args.seed, "eval_every": 0, "eval_samples": 64, "plots": False,
+                                       "checkpoint_every": 10**9, "progress": False}})
+        for item in args.overrides:
+            run_config.set(*parse_assignment(item))
+        bb = BlackboxConfig(budget=args.budget, round_shares=args.rounds, noise_std=args.noise, proxy=args.proxy,
+                            inner_steps=args.inner_steps, eval_samples=args.eval_samples, seed=args.seed)
+        out = args.out or os.path.join("runs", f"blackbox-{args.task}-{args.method}-seed{args.seed}-"
+                                       f"{time.strftime('%Y%m%d-%H%M%S')}")
+        if os.path.exists(os.path.join(out, "blackbox.yaml")):
+            raise SqdfError(f"--out {out!r} already holds a black-box run; continue it with --resume {out}")
+        run = BlackboxRun(args.task, args.method, run_config, bb, out)
+    rows = run.run()
+    print(f"{'round':>5} {'queries':>8} {'true reward':>12} {'path KL':>8} {'regret':>8}")
+    for r in rows:
+        regret = "-" if r.get("regret") is None else f"{r['regret']:.4f}"
+        print(f"{r['round']:>5} {r['queries']:>8} {r['reward_mean']:>12.4f} {r['path_kl']:>8.3f} {regret:>8}")
+    print(f"run directory: {out}  (blackbox.jsonl, oracle/, inner/, checkpoints/)")
+    return 0
+
+
 def _bench(args) -> int:
     from .bench import run_bench
 
@@ -219,7 +270,8 @@ def _bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "resume": _resume, "tasks": _tasks, "bench": _bench, "sample": _sample}
+    handlers = {"train": _train, "resume": _resume, "tasks": _tasks, "bench": _bench, "sample": _sample,
+                "blackbox": _blackbox}
     try:
         return handlers[args.command](args)
     except SqdfError as exc:

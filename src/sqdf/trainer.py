@@ -124,7 +124,10 @@ def read_run_config(run_dir: str) -> tuple[str, str, RunConfig]:
 class Trainer:
     """Runs one method on one task. Build with ``Trainer(task_name, method_name, config, out_dir)``."""
 
-    def __init__(self, task_name: str, method_name: str, config: RunConfig, out_dir: str):
+    def __init__(self, task_name: str, method_name: str, config: RunConfig, out_dir: str,
+                 training_reward=None):
+        """``training_reward``: a stand-in for the task's reward during training (a proxy fit on oracle queries,
+        ``sqdf blackbox``); evaluations always score with the task's own reward."""
         self.task_name, self.method_name = task_name, method_name
         self.config = config
         self.out_dir = out_dir
@@ -133,7 +136,7 @@ class Trainer:
         cls = method_class(method_name)
         config.method.validate()
         self.task = make_task(task_name, config.task)
-        if cls.needs_reward_gradient and not self.task.differentiable_reward:
+        if cls.needs_reward_gradient and training_reward is None and not self.task.differentiable_reward:
             raise ConfigError(f"method {method_name} follows the reward's gradient, but the {task_name} reward "
                               f"({getattr(config.task, 'reward', '?')}) is black-box; use a gradient-free method "
                               "(ddpo, dpok, prdp, best_of_n, fk_steering) or a differentiable reward")
@@ -147,7 +150,7 @@ class Trainer:
         _seed_everything(tcfg.seed)
 
         self.policy = build_policy(self.task, config, out_dir, self.device)
-        self.reward = CheckedReward(self.task.reward, name=f"{task_name} reward")
+        self.reward = CheckedReward(training_reward or self.task.reward, name=f"{task_name} reward")
         self.inference_reward = CheckedReward(self.task.reward, name=f"{task_name} reward")
         self.method: Method = cls(config.method, self.policy, self.task.alpha)
         self.method.to(self.device)
@@ -345,7 +348,7 @@ class Trainer:
         gen = self.method.generate(n, cond, g, self.inference_reward)
         queries_per_sample = (self.inference_reward.queries - spent_before) / n
         with torch.no_grad():
-            rewards = self.reward(gen.samples, cond, count=False)
+            rewards = self.inference_reward(gen.samples, cond, count=False)  # the task's true reward, uncharged
         path_kl = gen.path_kl if gen.path_kl is not None else torch.full_like(rewards, float("nan"))
         out = objective_terms(rewards, path_kl, self.task.alpha)
         if gen.path_kl is None:  # no exact path KL for this sampler: J and regret are not defined per path

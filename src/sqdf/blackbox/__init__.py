@@ -1,5 +1,8 @@
-"""Online black-box optimization: an oracle with a hard query budget whose every paid-for label is kept on disk."""
+"""Online black-box optimization: an oracle with a hard query budget whose every paid-for label is kept on disk,
+differentiable proxies fit on the labels, and the round loop with any method as the inner optimizer."""
 
 from .oracle import BudgetExceeded, Oracle, http_reward, sample_ids
+from .proxy import EnsembleProxy, ModuleFeatures, RawFeatures, UCBProxy, make_proxy
 
-__all__ = ["BudgetExceeded", "Oracle", "http_reward", "sample_ids"]
+__all__ = ["BudgetExceeded", "EnsembleProxy", "ModuleFeatures", "Oracle", "RawFeatures", "UCBProxy", "http_reward",
+           "make_proxy", "sample_ids"]

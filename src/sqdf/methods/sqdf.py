@@ -99,6 +99,10 @@ class SQDF(Method):
         steps_to_go = self.policy.num_steps - 1 - k
         return sqdf_loss(r, kl, steps_to_go, self.config.gamma, self.alpha), r, kl
 
+    def reset_buffer(self) -> None:
+        """Empty the replay buffer (the black-box loop does it each round: old chains were scored by an old proxy)."""
+        self.buffer.clear()
+
     def train_iteration(self, ctx: IterationContext) -> dict[str, float]:
         cfg = self.config
         roll = ctx.rollout(cfg.batch_size)

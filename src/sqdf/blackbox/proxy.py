@@ -1,0 +1,357 @@
+"""Differentiable proxy rewards fit on the oracle's (sample, value) pairs, with an optimism term for exploration.
+
+A proxy is ``features -> standardize -> small MLP``: a feature map turns samples x [B, *shape] (and conditions cond
+[B] or None) into features [B, F]; features and targets are standardized with statistics taken at fit time; the
+MLP predicts the standardized target. Two kinds (SEIKO-style):
+
+* ``EnsembleProxy``: a bootstrap ensemble of MLP heads; reward = mean + optimism * std across members.
+* ``UCBProxy``: one MLP; its last hidden layer phi(x) gives the ridge covariance A = ridge*I + Phi^T Phi over the
+  queried data; reward = mean + bonus * sqrt(phi^T A^-1 phi).
+
+Both are nn.Modules, refit from scratch by every ``fit`` call and frozen (requires_grad False) afterwards: gradients
+flow to x, never into the proxy, so an optimizer of the diffusion policy cannot touch it. Fitting is deterministic
+given ``seed`` (its own generator; the global RNG is left alone). The proxy's dtype follows the fit data (float64
+stays float64, anything else becomes float32) and it lives on the data's device; outputs come back in that dtype.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from numbers import Integral, Real
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+_FEATURE_CHUNK = 1024  # samples per feature-map call at fit time
+
+
+# ---- feature maps ----------------------------------------------------------------------------------------------
+class FeatureMap:
+    """``features(x [B, *shape], cond [B] or None) -> [B, F]``, differentiable in x. ``dim``: F, or None if it is
+    only known once samples are seen. Subclass and implement ``features``; instances are also callable."""
+
+    dim: int | None = None
+
+    def features(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.features(x, cond)
+
+
+class RawFeatures(FeatureMap):
+    """x flattened to [B, prod(shape)], with a one-hot of cond [B] (long) appended when ``num_classes`` is given."""
+
+    def __init__(self, num_classes: int | None = None):
+        if num_classes is not None and num_classes < 1:
+            raise ConfigError(f"RawFeatures num_classes={num_classes} must be >= 1, or None for unconditional samples")
+        self.num_classes = num_classes
+
+    def features(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        f = x.flatten(1)
+        if self.num_classes is None:
+            return f
+        if cond is None:
+            raise ConfigError(f"RawFeatures(num_classes={self.num_classes}) needs conditions cond [B]; got None "
+                              "(pass cond, or use RawFeatures() for unconditional samples)")
+        cond = cond.reshape(-1).long()
+        if cond.numel() and (cond.min() < 0 or cond.max() >= self.num_classes):
+            raise ConfigError(f"a condition is outside [0, {self.num_classes}) (got {cond.min().item()}.."
+                              f"{cond.max().item()}); set num_classes to the number of classes")
+        onehot = torch.nn.functional.one_hot(cond, self.num_classes).to(device=f.device, dtype=f.dtype)
+        return torch.cat([f, onehot], dim=1)
+
+
+class ModuleFeatures(FeatureMap):
+    """Wraps a frozen nn.Module or any callable ``f(x, cond) -> [B, F]`` (a classifier's penultimate layer, CLIP
+    image embeddings, ...). An nn.Module is switched to eval() and requires_grad_(False) here. It is kept out of the
+    proxy's module tree (not in its state_dict, not moved by ``.to()``): put it on the samples' device yourself."""
+
+    def __init__(self, module: Callable, dim: int | None = None):
+        if not callable(module):
+            raise ConfigError(f"ModuleFeatures needs a callable f(x, cond) -> [B, F]; got {type(module).__name__}")
+        if dim is not None and dim < 1:
+            raise ConfigError(f"ModuleFeatures dim={dim} must be >= 1 (the feature width F), or None to infer it")
+        if isinstance(module, nn.Module):
+            module.eval().requires_grad_(False)
+        self.module, self.dim = module, dim
+
+    def features(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return self.module(x, cond)
+
+
+def _as_feature_map(fm) -> FeatureMap:
+    if isinstance(fm, FeatureMap):
+        return fm
+    if callable(fm):
+        return ModuleFeatures(fm)
+    raise ConfigError(f"feature_map must be a FeatureMap or a callable f(x, cond) -> [B, F]; got {type(fm).__name__}")
+
+
+# ---- the proxies -----------------------------------------------------------------------------------------------
+def _real(v) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(name: str, value, ok: bool, need: str) -> None:
+    if not ok:
+        raise ConfigError(f"proxy option {name}={value!r} must be {need}")
+
+
+class _Proxy(nn.Module):
+    """Shared plumbing: option checks, feature extraction, standardization, the fit loop, freezing."""
+
+    def __init__(self, feature_map, hidden: int, epochs: int, lr: float, weight_decay: float, batch_size: int,
+                 seed: int):
+        super().__init__()
+        _check("hidden", hidden, isinstance(hidden, Integral) and hidden >= 1, "an int >= 1 (MLP width)")
+        _check("epochs", epochs, isinstance(epochs, Integral) and epochs >= 1, "an int >= 1 (passes over the data)")
+        _check("lr", lr, _real(lr) and lr > 0, "> 0 (Adam learning rate)")
+        _check("weight_decay", weight_decay, _real(weight_decay) and weight_decay >= 0, ">= 0")
+        _check("batch_size", batch_size, isinstance(batch_size, Integral) and batch_size >= 1,
+               "an int >= 1 (minibatch size; data no larger than it is fit full-batch)")
+        self.feature_map = _as_feature_map(feature_map)
+        self.hidden, self.epochs, self.lr = int(hidden), int(epochs), float(lr)
+        self.weight_decay, self.batch_size, self.seed = float(weight_decay), int(batch_size), int(seed)
+        self.fitted = False
+        self.num_fit = 0  # data points of the last fit
+
+    # -- features --
+    def _raw_features(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        f = self.feature_map(x, cond)
+        if not isinstance(f, torch.Tensor) or f.dim() != 2 or f.shape[0] != x.shape[0]:
+            shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+            raise ConfigError(f"the feature map returned {shape} for {x.shape[0]} samples; it must return [B, F]")
+        return f
+
+    def _z(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """Standardized features [B, F] in the proxy's dtype (differentiable in x)."""
+        if not self.fitted:
+            raise ConfigError("this proxy has not been fit; call fit(x, cond, y) on the oracle's labels first")
+        f = self._raw_features(x, cond)
+        if f.shape[1] != self.f_mean.shape[0]:
+            raise ConfigError(f"the feature map returned {f.shape[1]} features but the proxy was fit on "
+                              f"{self.f_mean.shape[0]}; use the same feature map and sample shape")
+        return (f.to(self.f_mean.dtype) - self.f_mean) / self.f_std
+
+    # -- fitting --
+    def fit(self, x: torch.Tensor, cond: torch.Tensor | None, y: torch.Tensor) -> "_Proxy":
+        """Refit from scratch on x [N, *shape], cond [N] or None, y [N]; freezes the parameters. Returns self."""
+        n = x.shape[0]
+        y = torch.as_tensor(y)
+        if y.numel() != n:
+            raise ConfigError(f"fit got {n} samples but {y.numel()} targets; y must be [N]")
+        if cond is not None and cond.shape[0] != n:
+            raise ConfigError(f"fit got {n} samples but {cond.shape[0]} conditions; cond must be [N] or None")
+        if n < 2:
+            raise ConfigError(f"fit needs at least 2 labelled samples; got {n} (query the oracle for more first)")
+        bad = ~torch.isfinite(y.reshape(-1))
+        if bad.any():
+            rows = bad.nonzero().reshape(-1)[:8].tolist()
+            raise ConfigError(f"{int(bad.sum())} fit targets are NaN/inf (rows {rows}...); drop those samples "
+                              "before fitting the proxy")
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            f = torch.cat([self._raw_features(x[s:s + _FEATURE_CHUNK],
+                                              None if cond is None else cond[s:s + _FEATURE_CHUNK])
+                           for s in range(0, n, _FEATURE_CHUNK)]).to(dtype)
+        if not torch.isfinite(f).all():
+            raise ConfigError("the feature map returned NaN/inf on the fit samples; check the samples and the map")
+        dim = getattr(self.feature_map, "dim", None)
+        if dim is not None and f.shape[1] != dim:
+            raise ConfigError(f"the feature map declares dim={dim} but returned {f.shape[1]} features; fix its dim")
+        y = y.detach().reshape(-1).to(device=f.device, dtype=dtype)
+        f_mean, f_std = f.mean(0), f.std(0, correction=0)
+        f_std = torch.where(f_std > 1e-6 * (1 + f_mean.abs()), f_std, torch.ones_like(f_std))  # constant features
+        y_mean, y_std = y.mean(), y.std(correction=0)
+        y_std = y_std if y_std > 1e-12 * (1 + y_mean.abs()) else torch.ones_like(y_std)
+        for name, value in (("f_mean", f_mean), ("f_std", f_std), ("y_mean", y_mean), ("y_std", y_std)):
+            self.register_buffer(name, value)
+        z, t = (f - f_mean) / f_std, (y - y_mean) / y_std
+        gen = torch.Generator().manual_seed(self.seed)
+        self._build(z.shape[1], dtype, f.device, gen)  # fresh parameters (requires_grad True) every fit
+        with torch.enable_grad():
+            self._train(z, t, gen)
+        self._after_fit(z)
+        for q in self.parameters():
+            q.grad = None  # no training gradients left behind
+        self.requires_grad_(False).eval()
+        self.fitted, self.num_fit = True, n
+        return self
+
+    def _linear(self, shape: tuple[int, ...], fan_in: int, dtype, device, gen) -> nn.Parameter:
+        bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default range, from our own generator
+        w = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+        return nn.Parameter(w.to(device=device, dtype=dtype))
+
+    def _batches(self, n: int, gen: torch.Generator, device) -> list[torch.Tensor | None]:
+        """Index batches for one epoch (None: the full batch)."""
+        if n <= self.batch_size:
+            return [None]
+        perm = torch.randperm(n, generator=gen).to(device)
+        return list(perm.split(self.batch_size))
+
+    def _adam(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    # -- subclass hooks --
+    def _build(self, in_dim: int, dtype, device, gen) -> None:
+        raise NotImplementedError
+
+    def _train(self, z: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> None:
+        raise NotImplementedError
+
+    def _after_fit(self, z: torch.Tensor) -> None:
+        pass
+
+    def predict(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class EnsembleProxy(_Proxy):
+    """A bootstrap ensemble of MLP heads (2 hidden layers of ``hidden``, SiLU) on standardized features.
+
+    Args:
+        feature_map: a FeatureMap (or callable f(x, cond) -> [B, F]).
+        members: heads (>= 2); each is trained on its own bootstrap resample of the data.
+        hidden: MLP width.
+        optimism: forward = mean + optimism * std across members (>= 0; 0 gives the plain mean).
+        epochs, lr, weight_decay, batch_size: AdamW over ``epochs`` passes; data no larger than ``batch_size`` is
+            fit full-batch (one step per epoch).
+        seed: seeds the init, the bootstrap and the minibatch order.
+    """
+
+    def __init__(self, feature_map, members: int = 4, hidden: int = 64, optimism: float = 0.0, epochs: int = 300,
+                 lr: float = 3e-3, weight_decay: float = 1e-4, batch_size: int = 512, seed: int = 0):
+        _check("members", members, isinstance(members, Integral) and members >= 2,
+               "an int >= 2 (an ensemble of one has no spread)")
+        _check("optimism", optimism, _real(optimism) and optimism >= 0, ">= 0 (0: the plain ensemble mean)")
+        super().__init__(feature_map, hidden, epochs, lr, weight_decay, batch_size, seed)
+        self.members, self.optimism = int(members), float(optimism)
+
+    def _build(self, in_dim, dtype, device, gen):
+        m, h = self.members, self.hidden
+        self.w1 = self._linear((m, in_dim, h), in_dim, dtype, device, gen)
+        self.b1 = self._linear((m, 1, h), in_dim, dtype, device, gen)
+        self.w2 = self._linear((m, h, h), h, dtype, device, gen)
+        self.b2 = self._linear((m, 1, h), h, dtype, device, gen)
+        self.w3 = self._linear((m, h, 1), h, dtype, device, gen)
+        self.b3 = self._linear((m, 1, 1), h, dtype, device, gen)
+
+    def _heads(self, z: torch.Tensor) -> torch.Tensor:
+        """z [M, B, F] (or [B, F], shared by all members) -> standardized predictions [M, B]."""
+        if z.dim() == 2:
+            z = z.unsqueeze(0).expand(self.members, -1, -1)
+        a = nn.functional.silu(torch.baddbmm(self.b1, z, self.w1))
+        a = nn.functional.silu(torch.baddbmm(self.b2, a, self.w2))
+        return torch.baddbmm(self.b3, a, self.w3).squeeze(-1)
+
+    def _train(self, z, t, gen):
+        n = z.shape[0]
+        boot = torch.randint(n, (self.members, n), generator=gen).to(z.device)  # [M, N] bootstrap rows
+        full = (z[boot], t[boot]) if n <= self.batch_size else None  # [M, N, F], [M, N]; gathered per batch else
+        opt = self._adam()
+        for _ in range(self.epochs):
+            for idx in self._batches(n, gen, z.device):
+                rows = None if idx is None else boot[:, idx]
+                zi, ti = full if rows is None else (z[rows], t[rows])
+                # summed over members: each head gets the gradient of its own mean squared error
+                loss = ((self._heads(zi) - ti) ** 2).mean(1).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+    def predict(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ensemble mean [B], ensemble std [B]) in the units of y; differentiable in x."""
+        p = self._heads(self._z(x, cond))  # [M, B]
+        mean = p.mean(0) * self.y_std + self.y_mean
+        std = torch.sqrt(p.var(0, correction=1) + 1e-12) * self.y_std  # eps keeps the gradient finite at 0 spread
+        return mean, std
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Optimistic reward [B] = mean + optimism * std."""
+        mean, std = self.predict(x, cond)
+        return mean if self.optimism == 0 else mean + self.optimism * std
+
+
+class UCBProxy(_Proxy):
+    """One MLP (2 hidden layers of ``hidden``, SiLU) with a ridge-regression confidence bonus on its last hidden
+    layer phi(x) [B, hidden]: A = ridge*I + Phi^T Phi over the fit data,
+    forward = mean + bonus * sqrt(phi^T A^-1 phi) * std(y).
+
+    Args:
+        feature_map: a FeatureMap (or callable f(x, cond) -> [B, F]).
+        hidden: MLP width (also the size of A).
+        bonus: weight of the confidence term (>= 0; 0 gives the plain mean).
+        ridge: the prior precision added to A (> 0).
+        epochs, lr, weight_decay, batch_size, seed: as for EnsembleProxy.
+    """
+
+    def __init__(self, feature_map, hidden: int = 64, bonus: float = 1.0, ridge: float = 1.0, epochs: int = 300,
+                 lr: float = 3e-3, weight_decay: float = 1e-4, batch_size: int = 512, seed: int = 0):
+        _check("bonus", bonus, _real(bonus) and bonus >= 0, ">= 0 (0: the plain MLP mean)")
+        _check("ridge", ridge, _real(ridge) and ridge > 0, "> 0 (the prior precision keeps A invertible)")
+        super().__init__(feature_map, hidden, epochs, lr, weight_decay, batch_size, seed)
+        self.bonus, self.ridge = float(bonus), float(ridge)
+
+    def _build(self, in_dim, dtype, device, gen):
+        h = self.hidden
+        self.w1 = self._linear((in_dim, h), in_dim, dtype, device, gen)
+        self.b1 = self._linear((h,), in_dim, dtype, device, gen)
+        self.w2 = self._linear((h, h), h, dtype, device, gen)
+        self.b2 = self._linear((h,), h, dtype, device, gen)
+        self.w3 = self._linear((h, 1), h, dtype, device, gen)
+        self.b3 = self._linear((1,), h, dtype, device, gen)
+
+    def _phi(self, z: torch.Tensor) -> torch.Tensor:
+        """Last hidden layer [B, hidden]."""
+        a = nn.functional.silu(torch.addmm(self.b1, z, self.w1))
+        return nn.functional.silu(torch.addmm(self.b2, a, self.w2))
+
+    def _train(self, z, t, gen):
+        opt = self._adam()
+        for _ in range(self.epochs):
+            for idx in self._batches(z.shape[0], gen, z.device):
+                zi, ti = (z, t) if idx is None else (z[idx], t[idx])
+                loss = ((torch.addmm(self.b3, self._phi(zi), self.w3).squeeze(-1) - ti) ** 2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+    def _after_fit(self, z):
+        with torch.no_grad():
+            phi = torch.cat([self._phi(z[s:s + 4096]) for s in range(0, z.shape[0], 4096)]).to(torch.float64)
+            a = self.ridge * torch.eye(self.hidden, dtype=torch.float64, device=z.device) + phi.T @ phi
+            a_inv = torch.cholesky_inverse(torch.linalg.cholesky(a))
+            self.register_buffer("a_inv", (0.5 * (a_inv + a_inv.T)).to(z.dtype))
+
+    def predict(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean [B], bonus term [B] = bonus * sqrt(phi^T A^-1 phi) * std(y)) in the units of y; differentiable."""
+        phi = self._phi(self._z(x, cond))
+        mean = torch.addmm(self.b3, phi, self.w3).squeeze(-1) * self.y_std + self.y_mean
+        quad = ((phi @ self.a_inv) * phi).sum(-1).clamp_min(0)
+        return mean, self.bonus * torch.sqrt(quad + 1e-12) * self.y_std
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Optimistic reward [B] = mean + bonus term."""
+        mean, term = self.predict(x, cond)
+        return mean if self.bonus == 0 else mean + term
+
+
+PROXIES = {"ensemble": EnsembleProxy, "ucb": UCBProxy}
+
+
+def make_proxy(kind: str, feature_map, **options) -> _Proxy:
+    """An unfit proxy of ``kind`` ('ensemble' or 'ucb') on ``feature_map``; options go to its constructor."""
+    if kind not in PROXIES:
+        raise ConfigError(f"unknown proxy kind {kind!r}; choose one of {sorted(PROXIES)}")
+    cls = PROXIES[kind]
+    allowed = [p for p in inspect.signature(cls).parameters if p != "feature_map"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for proxy kind {kind!r}; valid options are {allowed}")
+    return cls(feature_map, **options)

@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=int, default=0, help="seed of the run")
     x.add_argument("--out", help="run directory (default: runs/blackbox-TASK-METHOD-seedS-TIMESTAMP)")
     x.add_argument("--resume", metavar="DIR", help="continue a killed run (no label is bought twice)")
+    x.add_argument("--direct", action="store_true", help="baseline: train the method on the oracle itself (no proxy, "
+                   "no rounds), evaluating the true reward 8 times over the budget")
     x.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the inner run's config, e.g. --set method.lr=1e-4 (repeatable)")
 
@@ -210,10 +212,14 @@ def _sample(args) -> int:
 
 
 def _blackbox(args) -> int:
-    from .blackbox.loop import BlackboxConfig, BlackboxRun
+    from .blackbox.loop import BlackboxConfig, BlackboxRun, DirectRun
 
     if args.resume:
-        run = BlackboxRun.resume(args.resume)
+        import yaml
+
+        with open(os.path.join(args.resume, "blackbox.yaml")) as fh:
+            direct = bool(yaml.safe_load(fh).get("direct"))
+        run = (DirectRun if direct else BlackboxRun).resume(args.resume)
         out = args.resume
     else:
         if not args.task:
@@ -234,7 +240,9 @@ def _blackbox(args) -> int:
                                        f"{time.strftime('%Y%m%d-%H%M%S')}")
         if os.path.exists(os.path.join(out, "blackbox.yaml")):
             raise SqdfError(f"--out {out!r} already holds a black-box run; continue it with --resume {out}")
-        run = BlackboxRun(args.task, args.method, run_config, bb, out)
+        if args.direct:
+            run_config.set("trainer.checkpoint_every", 1, raw=False)  # every batch of labels is checkpointed
+        run = (DirectRun if args.direct else BlackboxRun)(args.task, args.method, run_config, bb, out)
     rows = run.run()
     print(f"{'round':>5} {'queries':>8} {'true reward':>12} {'path KL':>8} {'regret':>8}")
     for r in rows:

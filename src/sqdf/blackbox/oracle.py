@@ -60,7 +60,7 @@ class Oracle:
         if workers < 0:
             raise ConfigError(f"oracle workers={workers} must be >= 0 (0: ask in the calling thread)")
         self.fn, self.budget, self.noise_std, self.workers = fn, int(budget), float(noise_std), int(workers)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = int(seed)
         self.log_dir = log_dir
         self.answers: dict[str, float] = {}  # id -> logged (noisy) value
         self._calls = 0
@@ -95,14 +95,22 @@ class Oracle:
             cs = None if cond is None else cond[rows]
             values = self._ask(xs, cs)
             if self.noise_std > 0:
-                values = values + self.noise_std * torch.randn(values.shape, generator=self.generator,
-                                                               dtype=torch.float64)
+                values = values + self.noise_std * self._noise(list(first))
             self._log(xs, cs, list(first), values)
             for key, v in zip(first, values.tolist()):
                 self.answers[key] = float(v)
         return torch.tensor([self.answers[key] for key in ids], dtype=torch.float32, device=x.device)
 
     # ---- internals ---------------------------------------------------------------------------------------------
+    def _noise(self, keys: list[str]) -> torch.Tensor:
+        """Standard normal noise per sample, a function of (seed, sample id) only: a resumed run that buys the
+        remaining labels in another order or another process draws the same noise for the same sample."""
+        out = torch.empty(len(keys), dtype=torch.float64)
+        for i, key in enumerate(keys):
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(key[:15], 16)) % (2**63))
+            out[i] = torch.randn((), generator=g, dtype=torch.float64)
+        return out
+
     def _ask(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         def one(rows: slice) -> torch.Tensor:
             try:

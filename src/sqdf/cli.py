@@ -217,6 +217,8 @@ def _blackbox(args) -> int:
     if args.resume:
         import yaml
 
+        if not os.path.exists(os.path.join(args.resume, "blackbox.yaml")):
+            raise SqdfError(f"--resume {args.resume!r} is not a `sqdf blackbox` run directory (no blackbox.yaml)")
         with open(os.path.join(args.resume, "blackbox.yaml")) as fh:
             direct = bool(yaml.safe_load(fh).get("direct"))
         run = (DirectRun if direct else BlackboxRun).resume(args.resume)

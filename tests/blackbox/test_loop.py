@@ -107,6 +107,8 @@ def test_cli_blackbox_and_resume(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(["blackbox", "--resume", str(out)]) == 0  # finished: nothing more to do or to buy
     assert len((out / "blackbox.jsonl").read_text().splitlines()) == 3
+    assert main(["blackbox", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "not a `sqdf blackbox` run directory" in capsys.readouterr().err
 
 
 def test_direct_baseline_spends_exactly_the_budget_and_resumes(tmp_path, monkeypatch, counted):

@@ -68,6 +68,20 @@ class BlackboxConfig:
         self.round_sizes()
 
 
+def _saved_run(out_dir: str) -> tuple:
+    """(task name, method name, inner RunConfig, BlackboxConfig) of a black-box run directory."""
+    from ..errors import CheckpointError
+    from ..trainer import read_run_config
+
+    path = os.path.join(out_dir, "blackbox.yaml")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{out_dir!r} has no blackbox.yaml, so it is not a `sqdf blackbox` run directory")
+    with open(path) as fh:
+        saved = yaml.safe_load(fh)
+    _, _, run_config = read_run_config(os.path.join(out_dir, "inner"))
+    return saved["task_name"], saved["method_name"], run_config, BlackboxConfig(**saved["blackbox"])
+
+
 def task_features(task):
     """The proxy's input features for a task: a frozen classifier's penultimate features where the task has one
     (digits), else the raw sample vector (toy tasks)."""
@@ -191,12 +205,7 @@ class BlackboxRun:
     @classmethod
     def resume(cls, out_dir: str) -> "BlackboxRun":
         """Continue a run from its newest round checkpoint; labels bought after it are answered from the log."""
-        from ..trainer import read_run_config
-
-        with open(os.path.join(out_dir, "blackbox.yaml")) as fh:
-            saved = yaml.safe_load(fh)
-        _, _, run_config = read_run_config(os.path.join(out_dir, "inner"))
-        run = cls(saved["task_name"], saved["method_name"], run_config, BlackboxConfig(**saved["blackbox"]), out_dir)
+        run = cls(*_saved_run(out_dir), out_dir)
         if not list_checkpoints(out_dir):  # killed before the first round ended: start over (labels are kept)
             return run
         _, state, _ = load_latest_checkpoint(out_dir)
@@ -282,12 +291,7 @@ class DirectRun:
 
     @classmethod
     def resume(cls, out_dir: str) -> "DirectRun":
-        from ..trainer import read_run_config
-
-        with open(os.path.join(out_dir, "blackbox.yaml")) as fh:
-            saved = yaml.safe_load(fh)
-        _, _, run_config = read_run_config(os.path.join(out_dir, "inner"))
-        run = cls(saved["task_name"], saved["method_name"], run_config, BlackboxConfig(**saved["blackbox"]), out_dir)
+        run = cls(*_saved_run(out_dir), out_dir)
         if list_checkpoints(os.path.join(out_dir, "inner")):
             _, state, _ = load_latest_checkpoint(os.path.join(out_dir, "inner"))
             run.trainer.load_state(state)

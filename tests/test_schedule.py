@@ -16,7 +16,6 @@ from sqdf.schedule import (
     alphas_cumprod_from_betas,
     cosine_betas,
     ddim_mean,
-    ddim_mean_coeffs,
     ddim_sigma,
     ddim_sigma_coeffs,
     gaussian_kl,
@@ -343,10 +342,6 @@ def test_coefficient_forms_equal_the_vp_forms():
     torch.testing.assert_close(s.signal**2 + s.noise**2, torch.ones(21, dtype=torch.float64))
     general = ddim_sigma_coeffs(s.signal[:-1], s.noise[:-1], s.signal[1:], s.noise[1:], 0.7)
     torch.testing.assert_close(general, s.sigmas)
-    x0, eps = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
-    k = 5
-    torch.testing.assert_close(ddim_mean_coeffs(x0, eps, s.signal[k + 1], s.noise[k + 1], s.sigmas[k]),
-                               ddim_mean(x0, eps, s.abar[k + 1], s.sigmas[k]))
 
 
 def test_flow_prediction_inverts_the_interpolant():

@@ -148,14 +148,6 @@ def ddim_sigma_coeffs(signal, noise, signal_next, noise_next, eta: float) -> tor
     return eta * n1 * (1 - ratio**2).clamp(min=0).sqrt()
 
 
-def ddim_mean_coeffs(x0_hat: torch.Tensor, eps_hat: torch.Tensor, signal_next, noise_next, sigma) -> torch.Tensor:
-    """DDIM step mean for any schedule: signal' x0_hat + sqrt(noise'^2 - sigma^2) eps_hat."""
-    s1 = torch.as_tensor(signal_next, dtype=x0_hat.dtype, device=x0_hat.device)
-    n1 = torch.as_tensor(noise_next, dtype=x0_hat.dtype, device=x0_hat.device)
-    sd = torch.as_tensor(sigma, dtype=x0_hat.dtype, device=x0_hat.device)
-    return s1 * x0_hat + (n1**2 - sd**2).clamp(min=0).sqrt() * eps_hat
-
-
 def _per_sample(std: torch.Tensor | float, ref: torch.Tensor) -> torch.Tensor:
     """A scalar or per-sample std ([B] or [B, 1, ...]) as a [B] tensor in ref's dtype/device."""
     s = torch.as_tensor(std, dtype=ref.dtype, device=ref.device)

@@ -242,3 +242,16 @@ def test_gradient_checkpointing_gives_the_same_sqdf_gradient(sd_run):
     plain, checkpointed = grad(False), grad(True)
     assert plain.abs().sum() > 0
     torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_weighted_sum_reward_reports_its_terms_on_full_images(sd_run, tiny_reward_root):
+    from sqdf.sd.tiny import write_tiny_reward_weights
+
+    spec = "aesthetic+0.5*clip"
+    trainer = sd_run("sd15-aesthetic", "sqdf", **{"task.reward": spec, "trainer.eval_samples": 4,
+                                                  "task.reward_weights": write_tiny_reward_weights(spec,
+                                                                                                   tiny_reward_root)})
+    metrics, _ = trainer.evaluate()
+    assert {"reward_aesthetic", "reward_clip"} <= set(metrics)
+    combined = metrics["reward_aesthetic"] + 0.5 * metrics["reward_clip"]
+    assert abs(metrics["reward_mean"] - combined) < 1e-4 * max(1.0, abs(combined))

@@ -47,13 +47,6 @@ class DiffusersTaskConfig(TaskConfig):
         "help": "guidance scale given to a w-conditioned LCM (the consistency estimator)"})
 
 
-KIND_DEFAULTS = {  # the family's usual sampler
-    "sd15": {"num_inference_steps": 50, "guidance_scale": 5.0},
-    "sdxl": {"num_inference_steps": 50, "guidance_scale": 5.0},
-    "sd3": {"num_inference_steps": 28, "guidance_scale": 7.0},
-}
-
-
 def _beta_kind(name: str) -> str:
     table = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
     if name not in table:
@@ -191,26 +184,31 @@ class DiffusersTask(Task):
 
     @torch.no_grad()
     def evaluate(self, samples: torch.Tensor, cond: torch.Tensor | None = None) -> dict[str, float]:
-        """Per-term reward means (weighted sums) and diversity: the mean pairwise L2 distance between decoded
-        images (64 x 64, RGB in [0, 1]) that share a prompt, averaged over prompts with two or more samples."""
+        """Per-term reward means of a weighted-sum reward (on the full decoded images) and diversity: the mean
+        pairwise L2 distance between decoded images (downsampled to 64 x 64, RGB in [0, 1]) that share a prompt,
+        averaged over prompts drawn two or more times."""
         import torch.nn.functional as F
 
         out: dict[str, float] = {}
-        images = F.interpolate(self.decode_batched(samples), size=(64, 64), mode="bilinear", antialias=True)
-        flat = images.flatten(1)
+        small, terms = [], {}
+        split = hasattr(self.reward_model, "last_terms")  # a weighted sum: report its terms
+        for i in range(0, samples.shape[0], 16):
+            images = self.decode(samples[i:i + 16])
+            small.append(F.interpolate(images, size=(64, 64), mode="bilinear", antialias=True).flatten(1))
+            if split:
+                self.reward_model(images, self.prompts_of(cond[i:i + 16]))
+                for name, values in self.reward_model.last_terms.items():
+                    terms.setdefault(name, []).append(values.float())
+        flat = torch.cat(small)
         dists = []
         for c in cond.unique():
             rows = flat[cond == c]
             if rows.shape[0] >= 2:
-                d = torch.cdist(rows, rows)
                 n = rows.shape[0]
-                dists.append(float(d.sum() / (n * (n - 1))))
+                dists.append(float(torch.cdist(rows, rows).sum() / (n * (n - 1))))
         out["diversity"] = sum(dists) / len(dists) if dists else None  # no prompt drawn twice
-        terms = getattr(self.reward_model, "last_terms", None)
-        if terms:
-            self.reward_model(images, self.prompts_of(cond))
-            for name, values in self.reward_model.last_terms.items():
-                out[f"reward_{name}"] = float(values.float().mean())
+        for name, values in terms.items():
+            out[f"reward_{name}"] = float(torch.cat(values).mean())
         return out
 
     def plot(self, samples: torch.Tensor, path: str, title: str = "", cond: torch.Tensor | None = None) -> None:

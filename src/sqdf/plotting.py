@@ -42,7 +42,7 @@ def plot_samples_2d(samples: torch.Tensor, task, path: str, title: str = "", max
     plt.close(fig)
 
 
-def plot_curves(eval_rows: list[dict], path: str, title: str = "") -> None:
+def plot_curves(eval_rows: list[dict], path: str, title: str = "", xlabel: str = "reward queries") -> None:
     """Reward, path KL, regret (when known) and the task's quality metrics (mode TV, energy distance; Frechet
     distance, diversity, target accuracy for images) against reward queries, from the eval rows of metrics.jsonl."""
     if not eval_rows:
@@ -53,7 +53,7 @@ def plot_curves(eval_rows: list[dict], path: str, title: str = "") -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
     for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
         ax.plot(q, [float("nan") if r.get(key) is None else r[key] for r in eval_rows], marker="o", ms=3)
-        ax.set_xlabel("reward queries")
+        ax.set_xlabel(xlabel)
         ax.set_title(key)
         ax.grid(alpha=0.3)
     fig.suptitle(title)

@@ -103,6 +103,7 @@ def test_cli_blackbox_and_resume(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "round  queries" in printed and "\n    2       16 " in printed
+    assert (out / "blackbox.png").stat().st_size > 0  # the curves against queries
     assert main(args) == 2  # the folder already holds a run
     assert "--resume" in capsys.readouterr().err
     assert main(["blackbox", "--resume", str(out)]) == 0  # finished: nothing more to do or to buy

@@ -82,6 +82,14 @@ def _saved_run(out_dir: str) -> tuple:
     return saved["task_name"], saved["method_name"], run_config, BlackboxConfig(**saved["blackbox"])
 
 
+def plot_rounds(rows: list[dict], out_dir: str, title: str) -> None:
+    """DIR/blackbox.png: true reward, path KL, regret and the task's metrics against oracle queries spent."""
+    from ..plotting import plot_curves
+
+    plot_curves([{**r, "reward_queries": r["queries"]} for r in rows], os.path.join(out_dir, "blackbox.png"), title,
+                xlabel="oracle queries")
+
+
 def task_features(task):
     """The proxy's input features for a task: a frozen classifier's penultimate features where the task has one
     (digits), else the raw sample vector (toy tasks)."""
@@ -135,7 +143,9 @@ class BlackboxRun:
             self._log({"round": self.round, "queries": self.oracle.spent, **self.evaluate(),
                        **self._proxy_fit()})
             save_checkpoint(self.out_dir, self.round, self.state(), keep=2)
-        return self.rows()
+        rows = self.rows()
+        plot_rounds(rows, self.out_dir, f"{self.method_name} on {self.task_name}: proxy loop, budget {self.bb.budget}")
+        return rows
 
     def _round(self, n: int) -> None:
         policy = self.trainer.policy
@@ -277,7 +287,10 @@ class DirectRun:
         with open(os.path.join(self.out_dir, "blackbox.yaml"), "w") as fh:
             yaml.safe_dump(data, fh, sort_keys=False)
         self.trainer.train()
-        return self.rows()
+        rows = self.rows()
+        plot_rounds(rows, self.out_dir, f"{self.method_name} on {self.task_name}: oracle directly, "
+                    f"budget {self.bb.budget}")
+        return rows
 
     def rows(self) -> list[dict]:
         """The inner run's evaluations as rounds: queries spent, true reward, path KL, J, regret, task metrics."""

@@ -82,7 +82,7 @@ def test_sdxl_and_flow_presets_train(sd_run, task):
         assert bool((trainer.policy._sigmas > 0).all())
 
 
-@pytest.mark.parametrize("task", ["sd15-aesthetic", "sd3-aesthetic"])
+@pytest.mark.parametrize("task", ["sd15-aesthetic", "sdxl-aesthetic", "sd3-aesthetic"])
 def test_saved_lora_loads_into_a_diffusers_pipeline(sd_run, tiny_pipes, task):
     from diffusers import DiffusionPipeline
 
@@ -90,27 +90,29 @@ def test_saved_lora_loads_into_a_diffusers_pipeline(sd_run, tiny_pipes, task):
     trainer.train()
     net = trainer.task.denoiser.net
     _perturb_lora(net, seed=3)  # nonzero B so that the check cannot pass with an empty adapter
-    trainer.task.export_model(net and trainer.task.denoiser, os.path.join(trainer.out_dir, "model.safetensors"))
-    kind = "sd3" if task.startswith("sd3") else "sd15"
-    kwargs = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3" else {"safety_checker": None}
+    trainer.task.export_model(trainer.task.denoiser, os.path.join(trainer.out_dir, "model.safetensors"))
+    kind = trainer.task.kind
+    kwargs = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3" else {}
+    if kind == "sd15":
+        kwargs = {"safety_checker": None}
     pipe = DiffusionPipeline.from_pretrained(tiny_pipes[kind], local_files_only=True, **kwargs)
     pipe.load_lora_weights(os.path.join(trainer.out_dir, "lora"))
     other = pipe.transformer if kind == "sd3" else pipe.unet
     x = torch.randn(2, *trainer.task.sample_shape)
-    emb = torch.randn(2, 5, 2 * 32 if kind == "sd3" else 32)
-    with torch.no_grad():
+    emb = torch.randn(2, 5, 32 if kind == "sd15" else 64)
+    pooled, time_ids = torch.randn(2, 64 if kind == "sd3" else 32), torch.randn(2, 6)
+
+    def call(model):
         if kind == "sd3":
-            t, pooled = torch.tensor([500.0, 250.0]), torch.randn(2, 64)
-            ours = net(hidden_states=x, timestep=t, encoder_hidden_states=emb, pooled_projections=pooled).sample
-            theirs = other(hidden_states=x, timestep=t, encoder_hidden_states=emb, pooled_projections=pooled).sample
-            other.disable_lora() if hasattr(other, "disable_lora") else other.disable_adapters()
-            base = other(hidden_states=x, timestep=t, encoder_hidden_states=emb, pooled_projections=pooled).sample
-        else:
-            t = torch.tensor([500, 250])
-            ours = net(x, t, encoder_hidden_states=emb).sample
-            theirs = other(x, t, encoder_hidden_states=emb).sample
-            other.disable_adapters()
-            base = other(x, t, encoder_hidden_states=emb).sample
+            return model(hidden_states=x, timestep=torch.tensor([500.0, 250.0]), encoder_hidden_states=emb,
+                         pooled_projections=pooled).sample
+        extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}} if kind == "sdxl" else {}
+        return model(x, torch.tensor([500, 250]), encoder_hidden_states=emb, **extra).sample
+
+    with torch.no_grad():
+        ours, theirs = call(net), call(other)
+        other.disable_adapters()
+        base = call(other)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(base, ours, atol=1e-5)
 

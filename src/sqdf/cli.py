@@ -212,16 +212,10 @@ def _sample(args) -> int:
 
 
 def _blackbox(args) -> int:
-    from .blackbox.loop import BlackboxConfig, BlackboxRun, DirectRun
+    from .blackbox.loop import BlackboxConfig, BlackboxRun, DirectRun, resume_run
 
     if args.resume:
-        import yaml
-
-        if not os.path.exists(os.path.join(args.resume, "blackbox.yaml")):
-            raise SqdfError(f"--resume {args.resume!r} is not a `sqdf blackbox` run directory (no blackbox.yaml)")
-        with open(os.path.join(args.resume, "blackbox.yaml")) as fh:
-            direct = bool(yaml.safe_load(fh).get("direct"))
-        run = (DirectRun if direct else BlackboxRun).resume(args.resume)
+        run = resume_run(args.resume)
         out = args.resume
     else:
         if not args.task:
@@ -242,8 +236,6 @@ def _blackbox(args) -> int:
                                        f"{time.strftime('%Y%m%d-%H%M%S')}")
         if os.path.exists(os.path.join(out, "blackbox.yaml")):
             raise SqdfError(f"--out {out!r} already holds a black-box run; continue it with --resume {out}")
-        if args.direct:
-            run_config.set("trainer.checkpoint_every", 1, raw=False)  # every batch of labels is checkpointed
         run = (DirectRun if args.direct else BlackboxRun)(args.task, args.method, run_config, bb, out)
     rows = run.run()
     print(f"{'round':>5} {'queries':>8} {'true reward':>12} {'path KL':>8} {'regret':>8}")

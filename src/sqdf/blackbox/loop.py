@@ -68,16 +68,22 @@ class BlackboxConfig:
         self.round_sizes()
 
 
-def _saved_run(out_dir: str) -> tuple:
-    """(task name, method name, inner RunConfig, BlackboxConfig) of a black-box run directory."""
+def _read_saved(out_dir: str) -> dict:
+    """The blackbox.yaml of a run directory, with a clear error where there is none."""
     from ..errors import CheckpointError
-    from ..trainer import read_run_config
 
     path = os.path.join(out_dir, "blackbox.yaml")
     if not os.path.exists(path):
         raise CheckpointError(f"{out_dir!r} has no blackbox.yaml, so it is not a `sqdf blackbox` run directory")
     with open(path) as fh:
-        saved = yaml.safe_load(fh)
+        return yaml.safe_load(fh)
+
+
+def _saved_run(out_dir: str) -> tuple:
+    """(task name, method name, inner RunConfig, BlackboxConfig) of a black-box run directory."""
+    from ..trainer import read_run_config
+
+    saved = _read_saved(out_dir)
     _, _, run_config = read_run_config(os.path.join(out_dir, "inner"))
     return saved["task_name"], saved["method_name"], run_config, BlackboxConfig(**saved["blackbox"])
 
@@ -265,6 +271,7 @@ class DirectRun:
         self.bb, self.out_dir = bb, out_dir
         self.task_name, self.method_name = task_name, method_name
         run_config.update({"trainer": {"max_queries": bb.budget, "steps": 10**9, "eval_every": 0,
+                                       "checkpoint_every": 1,  # every batch of labels bought is checkpointed
                                        "eval_samples": bb.eval_samples,
                                        "eval_every_queries": max(batch, bb.budget // evaluations // batch * batch)}})
         self.oracle = None
@@ -309,3 +316,9 @@ class DirectRun:
             _, state, _ = load_latest_checkpoint(os.path.join(out_dir, "inner"))
             run.trainer.load_state(state)
         return run
+
+
+def resume_run(out_dir: str) -> "BlackboxRun | DirectRun":
+    """Continue a killed `sqdf blackbox` run of either kind (proxy loop or --direct) from its directory."""
+    direct = bool(_read_saved(out_dir).get("direct"))
+    return (DirectRun if direct else BlackboxRun).resume(out_dir)

@@ -17,6 +17,7 @@ stays float64, anything else becomes float32) and it lives on the data's device;
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 import math
 from numbers import Integral, Real
 from typing import Callable
@@ -30,14 +31,15 @@ _FEATURE_CHUNK = 1024  # samples per feature-map call at fit time
 
 
 # ---- feature maps ----------------------------------------------------------------------------------------------
-class FeatureMap:
+class FeatureMap(ABC):
     """``features(x [B, *shape], cond [B] or None) -> [B, F]``, differentiable in x. ``dim``: F, or None if it is
     only known once samples are seen. Subclass and implement ``features``; instances are also callable."""
 
     dim: int | None = None
 
+    @abstractmethod
     def features(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+        """[B, F] features of samples x with conditions cond."""
 
     def __call__(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.features(x, cond)
@@ -102,7 +104,7 @@ def _check(name: str, value, ok: bool, need: str) -> None:
         raise ConfigError(f"proxy option {name}={value!r} must be {need}")
 
 
-class _Proxy(nn.Module):
+class _Proxy(nn.Module, ABC):
     """Shared plumbing: option checks, feature extraction, standardization, the fit loop, freezing."""
 
     def __init__(self, feature_map, hidden: int, epochs: int, lr: float, weight_decay: float, batch_size: int,
@@ -199,17 +201,20 @@ class _Proxy(nn.Module):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     # -- subclass hooks --
+    @abstractmethod
     def _build(self, in_dim: int, dtype, device, gen) -> None:
-        raise NotImplementedError
+        """Create the parameters for standardized features of width in_dim."""
 
+    @abstractmethod
     def _train(self, z: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> None:
-        raise NotImplementedError
+        """Fit the parameters to standardized features z [N, F] and targets t [N]."""
 
     def _after_fit(self, z: torch.Tensor) -> None:
         pass
 
+    @abstractmethod
     def predict(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(mean [B], uncertainty term [B]) in the units of the targets."""
 
 
 class EnsembleProxy(_Proxy):

@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--resume", metavar="DIR", help="continue a killed run (no label is bought twice)")
     x.add_argument("--direct", action="store_true", help="baseline: train the method on the oracle itself (no proxy, "
                    "no rounds), evaluating the true reward 8 times over the budget")
+    x.add_argument("--best-of", type=int, metavar="N", help="baseline: best-of-N selection by the oracle's labels "
+                   "(the budget buys budget/N outputs of the base model; evaluated after each round)")
     x.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the inner run's config, e.g. --set method.lr=1e-4 (repeatable)")
 
@@ -212,7 +214,8 @@ def _sample(args) -> int:
 
 
 def _blackbox(args) -> int:
-    from .blackbox.loop import BlackboxConfig, BlackboxRun, DirectRun, resume_run
+    from .blackbox.baselines import BestOfNRun, DirectRun
+    from .blackbox.loop import BlackboxConfig, BlackboxRun, resume_run
 
     if args.resume:
         run = resume_run(args.resume)
@@ -223,20 +226,27 @@ def _blackbox(args) -> int:
         from .config import parse_assignment
         from .trainer import check_task_name, default_config, method_class
 
-        method_class(args.method)
+        if args.best_of is not None and args.direct:
+            raise SqdfError("--best-of and --direct are two different baselines; pass one of them")
+        method = "best_of_n" if args.best_of is not None else args.method
+        method_class(method)
         check_task_name(args.task)
-        run_config = default_config(args.method, args.task)
+        run_config = default_config(method, args.task)
         run_config.update({"trainer": {"seed": args.seed, "eval_every": 0, "eval_samples": 64, "plots": False,
                                        "checkpoint_every": 10**9, "progress": False}})
         for item in args.overrides:
             run_config.set(*parse_assignment(item))
         bb = BlackboxConfig(budget=args.budget, round_shares=args.rounds, noise_std=args.noise, proxy=args.proxy,
                             inner_steps=args.inner_steps, eval_samples=args.eval_samples, seed=args.seed)
-        out = args.out or os.path.join("runs", f"blackbox-{args.task}-{args.method}-seed{args.seed}-"
+        kind = f"best-of-{args.best_of}" if args.best_of is not None else args.method
+        out = args.out or os.path.join("runs", f"blackbox-{args.task}-{kind}-seed{args.seed}-"
                                        f"{time.strftime('%Y%m%d-%H%M%S')}")
         if os.path.exists(os.path.join(out, "blackbox.yaml")):
             raise SqdfError(f"--out {out!r} already holds a black-box run; continue it with --resume {out}")
-        run = (DirectRun if args.direct else BlackboxRun)(args.task, args.method, run_config, bb, out)
+        if args.best_of is not None:
+            run = BestOfNRun(args.task, run_config, bb, out, args.best_of)
+        else:
+            run = (DirectRun if args.direct else BlackboxRun)(args.task, args.method, run_config, bb, out)
     rows = run.run()
     print(f"{'round':>5} {'queries':>8} {'true reward':>12} {'path KL':>8} {'regret':>8}")
     for r in rows:

@@ -27,22 +27,6 @@ def _run(out, budget=48, shares="1,2", inner=3, **settings):
     return BlackboxRun("gaussian", "sqdf", cfg, bb, str(out))
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts every sample the oracle asks its hidden true reward about (evaluations do not go through it)."""
-    from sqdf.blackbox.oracle import Oracle
-
-    calls = {"n": 0}
-    original = Oracle._ask
-
-    def counting(self, x, cond=None):
-        calls["n"] += x.shape[0]
-        return original(self, x, cond)
-
-    monkeypatch.setattr(Oracle, "_ask", counting)
-    return calls
-
-
 def test_rounds_spend_exactly_the_budget_and_learn(tmp_path):
     run = _run(tmp_path / "a", budget=96, shares="1,2,3", inner=8)
     rows = run.run()
@@ -110,39 +94,3 @@ def test_cli_blackbox_and_resume(tmp_path, capsys):
     assert len((out / "blackbox.jsonl").read_text().splitlines()) == 3
     assert main(["blackbox", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "not a `sqdf blackbox` run directory" in capsys.readouterr().err
-
-
-def test_direct_baseline_spends_exactly_the_budget_and_resumes(tmp_path, monkeypatch, counted):
-    from sqdf.blackbox.loop import DirectRun
-    from sqdf.trainer import Trainer, default_config
-
-    def build(out):
-        cfg = default_config("ddpo", "gaussian")
-        cfg.update({"trainer": {"device": "cpu", "progress": False, "tensorboard": False, "plots": False,
-                                "floor": False, "checkpoint_every": 1},
-                    "task": {"num_inference_steps": 5}, "method": {"batch_size": 8, "lr": 1e-3}})
-        return DirectRun("gaussian", "ddpo", cfg, BlackboxConfig(budget=32, eval_samples=64), str(out),
-                         evaluations=4)
-
-    rows = build(tmp_path / "a").run()
-    assert counted["n"] == 32 and [r["queries"] for r in rows] == [0, 8, 16, 24, 32]
-    with pytest.raises(ConfigError, match="multiple of method.batch_size"):
-        DirectRun("gaussian", "ddpo", default_config("ddpo", "gaussian"), BlackboxConfig(budget=100), str(tmp_path))
-
-    counted["n"] = 0
-    real_step, seen = Trainer._optimizer_step, {"n": 0}
-
-    def dies(self, loss):
-        seen["n"] += 1
-        if seen["n"] == 5:  # third iteration: its labels are bought, its update is not
-            raise KeyboardInterrupt
-        return real_step(self, loss)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", dies)
-    with pytest.raises(KeyboardInterrupt):
-        build(tmp_path / "b").run()
-    monkeypatch.setattr(Trainer, "_optimizer_step", real_step)
-    assert counted["n"] == 24
-    again = DirectRun.resume(str(tmp_path / "b")).run()
-    assert counted["n"] == 32  # the interrupted iteration's batch came from the log
-    assert [r["reward_mean"] for r in again] == [r["reward_mean"] for r in rows]

@@ -253,72 +253,11 @@ class BlackboxRun:
             fh.writelines(json.dumps(r) + "\n" for r in keep)
 
 
-class DirectRun:
-    """A rival's baseline on the same budget: the method trains on the (noisy, budgeted, logged) oracle itself, no
-    proxy; the true reward is evaluated each time another ``budget / evaluations`` queries are spent."""
+def resume_run(out_dir: str):
+    """Continue a killed `sqdf blackbox` run of any kind (proxy loop, --direct or --best-of) from its directory."""
+    from .baselines import BestOfNRun, DirectRun
 
-    def __init__(self, task_name: str, method_name: str, run_config: RunConfig, bb: BlackboxConfig, out_dir: str,
-                 evaluations: int = 8):
-        from ..trainer import Trainer, method_class
-
-        bb.validate()
-        if not method_class(method_name).trains:
-            raise ConfigError(f"--direct trains the method on the oracle; {method_name} does not train")
-        batch = run_config.method.batch_size
-        if bb.budget % batch:
-            raise ConfigError(f"--direct: budget={bb.budget} must be a multiple of method.batch_size={batch} (each "
-                              "iteration buys one batch of labels and the budget is a hard limit)")
-        self.bb, self.out_dir = bb, out_dir
-        self.task_name, self.method_name = task_name, method_name
-        run_config.update({"trainer": {"max_queries": bb.budget, "steps": 10**9, "eval_every": 0,
-                                       "checkpoint_every": 1,  # every batch of labels bought is checkpointed
-                                       "eval_samples": bb.eval_samples,
-                                       "eval_every_queries": max(batch, bb.budget // evaluations // batch * batch)}})
-        self.oracle = None
-        self.trainer = Trainer(task_name, method_name, run_config, os.path.join(out_dir, "inner"),
-                               training_reward=self._oracle)
-        self.oracle = Oracle(self._true_reward, bb.budget, bb.noise_std, bb.seed, os.path.join(out_dir, "oracle"),
-                             bb.workers)
-
-    @torch.no_grad()
-    def _true_reward(self, x: torch.Tensor, cond=None) -> torch.Tensor:
-        return self.trainer.task.reward(x, cond)
-
-    def _oracle(self, x: torch.Tensor, cond=None) -> torch.Tensor:
-        return self.oracle(x, cond).to(x.device)
-
-    def run(self) -> list[dict]:
-        os.makedirs(self.out_dir, exist_ok=True)
-        data = {"task_name": self.task_name, "method_name": self.method_name, "direct": True,
-                "blackbox": dataclasses.asdict(self.bb)}
-        with open(os.path.join(self.out_dir, "blackbox.yaml"), "w") as fh:
-            yaml.safe_dump(data, fh, sort_keys=False)
-        self.trainer.train()
-        rows = self.rows()
-        plot_rounds(rows, self.out_dir, f"{self.method_name} on {self.task_name}: oracle directly, "
-                    f"budget {self.bb.budget}")
-        return rows
-
-    def rows(self) -> list[dict]:
-        """The inner run's evaluations as rounds: queries spent, true reward, path KL, J, regret, task metrics."""
-        with open(os.path.join(self.out_dir, "inner", "metrics.jsonl")) as fh:
-            evals = [json.loads(line) for line in fh if '"eval"' in line]
-        rows = [{"round": i, "queries": r["reward_queries"], **{k: v for k, v in r.items() if k not in
-                 ("iteration", "kind", "reward_queries", "wall_seconds")}} for i, r in enumerate(evals)]
-        with open(os.path.join(self.out_dir, "blackbox.jsonl"), "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
-        return rows
-
-    @classmethod
-    def resume(cls, out_dir: str) -> "DirectRun":
-        run = cls(*_saved_run(out_dir), out_dir)
-        if list_checkpoints(os.path.join(out_dir, "inner")):
-            _, state, _ = load_latest_checkpoint(os.path.join(out_dir, "inner"))
-            run.trainer.load_state(state)
-        return run
-
-
-def resume_run(out_dir: str) -> "BlackboxRun | DirectRun":
-    """Continue a killed `sqdf blackbox` run of either kind (proxy loop or --direct) from its directory."""
-    direct = bool(_read_saved(out_dir).get("direct"))
-    return (DirectRun if direct else BlackboxRun).resume(out_dir)
+    saved = _read_saved(out_dir)
+    if saved.get("best_of") is not None:
+        return BestOfNRun.resume(out_dir)
+    return (DirectRun if saved.get("direct") else BlackboxRun).resume(out_dir)

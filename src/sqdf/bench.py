@@ -384,9 +384,9 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def execute(specs, jobs: int) -> list[dict]:
-    """Run specs (in a spawn process pool of `jobs` workers; in-process for jobs 1) with a progress bar naming
-    each finished run. Returns rows in the order of specs."""
+def execute(specs, jobs: int, runner=run_one) -> list[dict]:
+    """Run specs through ``runner(spec) -> row`` (a module-level function; in a spawn process pool of `jobs`
+    workers, in-process for jobs 1) with a progress bar naming each finished run. Returns rows in spec order."""
     from tqdm.auto import tqdm
 
     rows: dict[int, dict] = {}
@@ -404,21 +404,21 @@ def execute(specs, jobs: int) -> list[dict]:
         if jobs <= 1:
             for i, spec in enumerate(specs):
                 bar.set_description_str(f"bench: {spec.label}")
-                done(i, run_one(spec))
+                done(i, runner(spec))
         else:
-            _execute_pool(specs, jobs, done)
+            _execute_pool(specs, jobs, done, runner)
     finally:
         bar.close()
     return [rows[i] for i in range(len(specs))]
 
 
-def _execute_pool(specs, jobs: int, done) -> None:
+def _execute_pool(specs, jobs: int, done, runner=run_one) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
     try:
-        futures = {pool.submit(run_one, spec): i for i, spec in enumerate(specs)}
+        futures = {pool.submit(runner, spec): i for i, spec in enumerate(specs)}
         for future in as_completed(futures):
             i = futures[future]
             try:

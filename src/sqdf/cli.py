@@ -87,11 +87,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output folder (default: runs/bench-TIMESTAMP); re-run to finish an interrupted bench")
     b.add_argument("--jobs", type=int, default=bench.DEFAULT_JOBS,
                    help=f"parallel runs, capped to the CPU count (default: {bench.DEFAULT_JOBS}; 1: in-process)")
-    b.add_argument("--eval-samples", type=int, default=bench.DEFAULT_EVAL_SAMPLES,
-                   help=f"samples per evaluation (default: {bench.DEFAULT_EVAL_SAMPLES})")
+    b.add_argument("--eval-samples", type=int,
+                   help=f"samples per evaluation (default: {bench.DEFAULT_EVAL_SAMPLES}; --blackbox: 512)")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key in every run whose method has it, e.g. --set "
                    "task.num_inference_steps=50 (repeatable)")
+    b.add_argument("--blackbox", type=int, metavar="BUDGET", help="compare in the black-box setting at this oracle "
+                   "budget per run; --methods then takes entries METHOD (proxy loop), METHOD:direct (trained on the "
+                   "oracle) and best_of_n:N (default: sqdf,ddpo:direct,prdp:direct,best_of_n:8; tasks default gmm1)")
+    b.add_argument("--rounds", default="1,2,4,8", help="--blackbox: budget shares per round (default 1,2,4,8)")
+    b.add_argument("--inner-steps", type=int, default=50, help="--blackbox: proxy-loop iterations per round")
+    b.add_argument("--noise", type=float, default=0.1, help="--blackbox: oracle observation noise std")
     return p
 
 
@@ -257,11 +263,21 @@ def _blackbox(args) -> int:
 
 
 def _bench(args) -> int:
+    from . import bench
     from .bench import run_bench
 
     try:
-        result = run_bench(args.tasks, [args.methods] if args.methods else None, args.queries, args.seeds, args.out,
-                           args.jobs, args.eval_samples, args.overrides)
+        if args.blackbox is not None:
+            from .blackbox.bench import run_blackbox_bench
+
+            eval_samples = args.eval_samples or 512
+            result = run_blackbox_bench(args.tasks, [args.methods] if args.methods else None, args.blackbox,
+                                        args.seeds, args.out, args.jobs, eval_samples, args.overrides,
+                                        {"round_shares": args.rounds, "inner_steps": args.inner_steps,
+                                         "noise_std": args.noise})
+        else:
+            result = run_bench(args.tasks, [args.methods] if args.methods else None, args.queries, args.seeds,
+                               args.out, args.jobs, args.eval_samples or bench.DEFAULT_EVAL_SAMPLES, args.overrides)
     except KeyboardInterrupt:
         print("sqdf: interrupted; finished runs are kept: run the same command again to finish the bench",
               file=sys.stderr)

@@ -97,15 +97,9 @@ def plot_rounds(rows: list[dict], out_dir: str, title: str) -> None:
 
 
 def task_features(task):
-    """The proxy's input features for a task: a frozen classifier's penultimate features where the task has one
-    (digits), else the raw sample vector (toy tasks)."""
-    from .proxy import ModuleFeatures, RawFeatures
-
-    classifier = getattr(task, "classifier", None)
-    if classifier is not None and hasattr(classifier, "features"):
-        dim = int(classifier.features(torch.zeros(1, *task.sample_shape)).shape[1])
-        return ModuleFeatures(lambda x, cond=None: classifier.features(x), dim)
-    return RawFeatures()
+    """The proxy's input features for a task (``Task.proxy_features``): the raw sample vector for the toy tasks,
+    the shipped classifier's penultimate features for digits, CLIP image embeddings for the text-to-image tasks."""
+    return task.proxy_features()
 
 
 class BlackboxRun:

@@ -43,6 +43,9 @@ class DiffusersTaskConfig(TaskConfig):
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute denoiser and VAE activations in the backward pass (less memory, more time)"})
     flow_shift: float | None = field(default=None, metadata={"help": "sd3: time shift (None: the scheduler's)"})
+    proxy_clip: str | None = field(default=None, metadata={
+        "help": "`sqdf blackbox`: local transformers CLIP folder whose image embeddings the proxy reward is fit on "
+                "(None: the CLIP model inside the reward, e.g. the aesthetic scorer's)"})
     consistency_guidance: float = field(default=8.0, metadata={
         "help": "guidance scale given to a w-conditioned LCM (the consistency estimator)"})
 
@@ -136,6 +139,48 @@ class DiffusersTask(Task):
         from .consistency import load_consistency_model
 
         return load_consistency_model(self, self.config.consistency_path)
+
+    def _proxy_clip(self):
+        """(CLIP model with an image tower and projection, preprocessing mean, std) for the proxy features."""
+        from transformers import CLIPModel, CLIPVisionModelWithProjection
+
+        from .rewards.clip_score import CLIP_MEAN, CLIP_STD, load_clip_folder, preprocess_stats
+
+        if self.config.proxy_clip is not None:
+            model = load_clip_folder(self.config.proxy_clip, CLIPVisionModelWithProjection, "task.proxy_clip",
+                                     "a transformers CLIP folder (config.json + model.safetensors)",
+                                     "any CLIP checkpoint saved with save_pretrained")
+            return (model, *preprocess_stats(self.config.proxy_clip))
+        for module in self.reward_model.modules():
+            for name in ("clip", "model"):
+                model = getattr(module, name, None)
+                if isinstance(model, (CLIPModel, CLIPVisionModelWithProjection)):
+                    return model, getattr(module, "mean", CLIP_MEAN), getattr(module, "std", CLIP_STD)
+        raise ConfigError(f"task.reward={self.config.reward!r} holds no CLIP model for the black-box proxy's "
+                          "features; pass task.proxy_clip=DIR (a local transformers CLIP folder)")
+
+    def proxy_features(self):
+        """Unit-norm CLIP image embeddings of the decoded samples, with a one-hot of the prompt index appended
+        (prompt sets of up to 256 prompts), [B, projection_dim (+ prompts)]; differentiable in the latents."""
+        from ..blackbox.proxy import ModuleFeatures
+        from .rewards.clip_score import clip_image_embeds
+
+        model, mean, std = self._proxy_clip()
+        cfg = getattr(model.config, "vision_config", model.config)
+        prompts = len(self.prompts) if len(self.prompts) <= 256 else 0
+        dim = int(getattr(model.config, "projection_dim", cfg.projection_dim)) + prompts
+
+        def features(x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+            model.to(x.device)
+            emb = clip_image_embeds(model, self.decode(x), mean, std).to(torch.float32)
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            if prompts and cond is not None:
+                emb = torch.cat([emb, torch.nn.functional.one_hot(cond.long().reshape(-1), prompts).to(emb)], 1)
+            elif prompts:
+                emb = torch.cat([emb, emb.new_zeros(emb.shape[0], prompts)], 1)
+            return emb
+
+        return ModuleFeatures(features, dim)
 
     # ---- reward ------------------------------------------------------------------------------------------------
     def _load_reward(self):

@@ -155,6 +155,13 @@ class Task(ABC):
         """Move what the task holds outside the policy (frozen decoders, reward models) to the device."""
         return self
 
+    def proxy_features(self):
+        """The feature map (``sqdf.blackbox.proxy.FeatureMap``) that `sqdf blackbox` fits its proxy reward on:
+        the raw sample vector by default; tasks with a frozen image encoder override it."""
+        from ..blackbox.proxy import RawFeatures
+
+        return RawFeatures()
+
     def consistency_model(self) -> nn.Module | None:
         """A frozen consistency model f(x, t, cond) -> x0 of the reference sampler, when the task ships one."""
         return None

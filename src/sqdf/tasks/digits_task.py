@@ -127,6 +127,14 @@ class DigitsTask(Task):
         pick = torch.randint(0, len(digits), (n,), generator=generator, device=device)
         return digits.to(device)[pick]
 
+    def proxy_features(self):
+        """The shipped classifier's penultimate features (frozen, differentiable in x), [B, 32]."""
+        from ..blackbox.proxy import ModuleFeatures
+
+        classifier = self.classifier
+        dim = int(classifier.features(torch.zeros(1, *self.sample_shape)).shape[1])
+        return ModuleFeatures(lambda x, cond=None: classifier.features(x), dim)
+
     def consistency_model(self) -> nn.Module:
         from ..digits.store import load_model, shipped_path
 

@@ -95,9 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--blackbox", type=int, metavar="BUDGET", help="compare in the black-box setting at this oracle "
                    "budget per run; --methods then takes entries METHOD (proxy loop), METHOD:direct (trained on the "
                    "oracle) and best_of_n:N (default: sqdf,ddpo:direct,prdp:direct,best_of_n:8; tasks default gmm1)")
-    b.add_argument("--rounds", default="1,2,4,8", help="--blackbox: budget shares per round (default 1,2,4,8)")
-    b.add_argument("--inner-steps", type=int, default=50, help="--blackbox: proxy-loop iterations per round")
-    b.add_argument("--noise", type=float, default=0.1, help="--blackbox: oracle observation noise std")
+    b.add_argument("--rounds", help="--blackbox: budget shares per round (default 1,2,4,8)")
+    b.add_argument("--inner-steps", type=int, help="--blackbox: proxy-loop iterations per round (default: the "
+                   "task's black-box preset, else 50)")
+    b.add_argument("--noise", type=float, help="--blackbox: oracle observation noise std (default 0.1)")
     return p
 
 

@@ -57,3 +57,17 @@ def test_blackbox_bench_bad_entry_fails_before_running(tmp_path, capsys):
     assert main(["bench", "--blackbox", "32", "--methods", "nosuch", "--out", str(tmp_path / "x")]) == 2
     assert "nosuch" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_blackbox_presets_apply_below_the_command_line(tmp_path):
+    from sqdf.blackbox.bench import BLACKBOX_PRESETS, spec_for
+
+    preset = BLACKBOX_PRESETS["gmm1"]
+    spec = spec_for("gmm1", parse_entry("sqdf"), 0, 1024, 64, [], str(tmp_path), {})
+    assert spec.blackbox["inner_steps"] == preset["sqdf"]["blackbox"]["inner_steps"]
+    spec = spec_for("gmm1", parse_entry("sqdf"), 0, 1024, 64, [], str(tmp_path), {"inner_steps": 7})
+    assert spec.blackbox["inner_steps"] == 7
+    spec = spec_for("gmm1", parse_entry("prdp:direct"), 1, 1024, 64, ["method.lr=0.5"], str(tmp_path), {})
+    assert spec.config["method"]["batch_size"] == preset["prdp:direct"]["method"]["batch_size"]
+    assert spec.config["method"]["lr"] == 0.5 and spec.config["trainer"]["seed"] == 1
+    assert spec.run_dir.endswith("gmm1/prdp-direct/seed1")

@@ -27,6 +27,16 @@ from ..errors import ConfigError
 DEFAULT_ENTRIES = ("sqdf", "ddpo:direct", "prdp:direct", "best_of_n:8")
 DEFAULT_TASKS = ("gmm1",)
 DEFAULT_BUDGET = 1024
+# Settings tuned at a budget of 1024 oracle labels (seed 0, a few values each; BENCHMARKS.md), per task and entry
+# label, applied on top of tasks.BENCH_PRESETS and below --set. Sections are config sections plus "blackbox"
+# (BlackboxConfig fields such as inner_steps).
+BLACKBOX_PRESETS: dict[str, dict[str, dict]] = {
+    "gmm1": {
+        "sqdf": {"blackbox": {"inner_steps": 100}},
+        "ddpo:direct": {"method": {"batch_size": 32, "lr": 3e-3, "clip_range": 1e-2}},
+        "prdp:direct": {"method": {"batch_size": 32, "lr": 3e-3}},
+    },
+}
 CURVE_KEYS = ("reward_queries", "reward_mean", "path_kl", "regret", "mode_tv", "energy_distance", "frechet",
               "diversity", "target_accuracy")
 
@@ -88,23 +98,27 @@ class BlackboxSpec:
 
 def spec_for(task: str, entry: Entry, seed: int, budget: int, eval_samples: int, overrides, out: str,
              settings: dict) -> BlackboxSpec:
-    """The validated spec of one run: task presets, bench presets of the inner method, quiet CPU settings, then
-    the overrides whose key the method's config has."""
+    """The validated spec of one run: task presets, bench presets of the inner method, BLACKBOX_PRESETS of the
+    entry, quiet CPU settings, then the overrides whose key the method's config has; ``settings`` (BlackboxConfig
+    fields given on the command line) win over the entry's preset."""
     from ..bench import has_key
     from ..config import parse_assignment
     from ..tasks import bench_presets
     from ..trainer import default_config, make_task
     from .loop import BlackboxConfig
 
+    preset = BLACKBOX_PRESETS.get(task, {}).get(entry.label, {})
     config = default_config(entry.method, task)
     config.update(bench_presets(task, entry.method))
+    config.update({k: v for k, v in preset.items() if k != "blackbox"})
     config.update({"trainer": {"seed": seed, "device": "cpu", "progress": False, "tensorboard": False,
                                "plots": False, "eval_every": 0, "eval_samples": 64, "checkpoint_every": 10**9}})
     for item in overrides:
         key, value = parse_assignment(item)
         if has_key(config, key):
             config.set(key, value)
-    bb = BlackboxConfig(budget=budget, eval_samples=eval_samples, seed=seed, **settings)
+    bb = BlackboxConfig(budget=budget, eval_samples=eval_samples, seed=seed,
+                        **{**preset.get("blackbox", {}), **settings})
     bb.validate()
     config.trainer.validate()
     config.method.validate()
@@ -181,9 +195,10 @@ def run_blackbox_one(spec: BlackboxSpec) -> dict:
 def command_text(tasks, entries, budget, seeds, out, jobs, eval_samples, overrides, settings) -> str:
     argv = ["sqdf", "bench", *tasks, "--blackbox", str(budget), "--methods", ",".join(e.label for e in entries),
             "--seeds", str(seeds), "--eval-samples", str(eval_samples), "--jobs", str(jobs), "--out", out]
-    if settings:
-        argv += ["--rounds", settings.get("round_shares", "1,2,4,8"),
-                 "--inner-steps", str(settings.get("inner_steps", 50)), "--noise", str(settings.get("noise_std", 0.1))]
+    flags = {"round_shares": "--rounds", "inner_steps": "--inner-steps", "noise_std": "--noise"}
+    for key, flag in flags.items():
+        if key in settings:
+            argv += [flag, str(settings[key])]
     for item in overrides:
         argv += ["--set", item]
     return shlex.join(argv)
@@ -241,7 +256,7 @@ def run_blackbox_bench(tasks=None, entries=None, budget: int = DEFAULT_BUDGET, s
     for name, value in (("--blackbox", budget), ("--seeds", seeds), ("--jobs", jobs), ("--eval-samples", eval_samples)):
         if value < 1:
             raise ConfigError(f"{name} {value} must be >= 1")
-    settings = dict(settings or {})
+    settings = {k: v for k, v in (settings or {}).items() if v is not None}
     out = out or f"runs/bench-blackbox-{time.strftime('%Y%m%d-%H%M%S')}"
     specs = [spec_for(t, e, s, budget, eval_samples, overrides, out, settings)
              for t in tasks for e in parsed for s in range(seeds)]
@@ -259,7 +274,8 @@ def run_blackbox_bench(tasks=None, entries=None, budget: int = DEFAULT_BUDGET, s
     header = (f"`{command}`\n\nBudget: {budget} oracle queries per run (noisy labels); seeds 0..{seeds - 1}; "
               f"{eval_samples} samples per true-reward evaluation; machine: {machine_text()}.\n"
               "Cells: mean ± sd over seeds at the full budget; reward is the TRUE (noise-free) reward. best_of_n:N "
-              "has budget // N outputs in all; the fine-tuned policies sample without further queries.\n")
+              "has budget // N outputs in all; the fine-tuned policies sample without further queries. Settings: "
+              "tasks.BENCH_PRESETS, then blackbox.bench.BLACKBOX_PRESETS (tuned at 1024 labels), then --set.\n")
     table = header + "\n" + results_tables(rows, tasks, labels)
     _write_text(written[1], table)
     for task, by_entry in group_rows(rows).items():

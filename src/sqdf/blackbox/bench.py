@@ -32,7 +32,7 @@ DEFAULT_BUDGET = 1024
 # (BlackboxConfig fields such as inner_steps).
 BLACKBOX_PRESETS: dict[str, dict[str, dict]] = {
     "gmm1": {
-        "sqdf": {"blackbox": {"inner_steps": 100}},
+        "sqdf": {"blackbox": {"inner_steps": 200}},
         "ddpo:direct": {"method": {"batch_size": 32, "lr": 3e-3, "clip_range": 1e-2}},
         "prdp:direct": {"method": {"batch_size": 32, "lr": 3e-3}},
     },

@@ -127,7 +127,10 @@ class DiffusionPolicy(nn.Module):
         return values.to(x.device, x.dtype)[k].view(-1, *([1] * (x.ndim - 1)))
 
     def _net(self, which: str, x: torch.Tensor, k: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        t = self._timesteps.to(x.device)[k]
+        return self._net_at(which, x, self._timesteps.to(x.device)[k], cond)
+
+    def _net_at(self, which: str, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """The chosen network's raw prediction at model timesteps t [B]."""
         if which == "policy":
             return self.model(x, t, cond)
         if which == "reference":
@@ -157,12 +160,52 @@ class DiffusionPolicy(nn.Module):
         """(eps_hat, x0_hat) of the chosen network at grid index k (int or [B]; 0 .. T), each [B, *shape]."""
         kk = self._levels(x, k)
         pred = self._net(which, x, kk, cond)
+        signal, noise = self._bcast(self._signal, kk, x), self._bcast(self._noise, kk, x)
+        return self._eps_and_x0(pred, x, signal, noise, which)
+
+    def predict_at(
+        self, x: torch.Tensor, t, cond: torch.Tensor | None = None, which: str = "policy"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_hat, x0_hat) of the chosen network at model timesteps t (int or [B]; for VP schedules integer
+        training timesteps 0 .. N-1, off the inference grid too), each [B, *shape]."""
+        tt = self._model_times(x, t)
+        pred = self._net_at(which, x, tt, cond)
+        signal, noise = self._coefficients_at(x, tt)
+        return self._eps_and_x0(pred, x, signal, noise, which)
+
+    def score_at(self, x: torch.Tensor, t, cond: torch.Tensor | None = None, which: str = "policy") -> torch.Tensor:
+        """Score estimate grad_x log p_t(x) = -eps_hat / noise_t (noise_t = sqrt(1 - abar_t) for VP) of the chosen
+        network at model timesteps t (int or [B]), [B, *shape]; units 1 / (units of x)."""
+        eps, _ = self.predict_at(x, t, cond, which)
+        return -eps / self._coefficients_at(x, self._model_times(x, t))[1]
+
+    def _model_times(self, x: torch.Tensor, t) -> torch.Tensor:
+        """Model timesteps t (a number or [B]) as a [B] tensor on x's device (long for VP schedules, checked)."""
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"per-sample timesteps must have shape [{x.shape[0]}], got {tuple(t.shape)}")
+        if isinstance(self.schedule, NoiseSchedule):
+            t = t.long()
+            if int(t.min()) < 0 or int(t.max()) >= len(self.schedule.alphas_cumprod):
+                raise IndexError(f"timesteps must lie in [0, {len(self.schedule.alphas_cumprod) - 1}]")
+        return t
+
+    def _coefficients_at(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signal, noise) at model timesteps t [B], each [B, 1, ..., 1] in x's dtype."""
+        signal, noise = self.schedule.coefficients_at(t)
+        shape = (-1, *([1] * (x.ndim - 1)))
+        return signal.to(x.device, x.dtype).view(shape), noise.to(x.device, x.dtype).view(shape)
+
+    def _eps_and_x0(self, pred: torch.Tensor, x: torch.Tensor, signal: torch.Tensor, noise: torch.Tensor,
+                    which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_hat, x0_hat) from a raw prediction at a state with coefficients (signal, noise) [B, 1, ...]."""
         if pred.shape != x.shape:
             raise ConfigError(
                 f"the {which} denoiser returned shape {tuple(pred.shape)} for input {tuple(x.shape)}; "
                 "it must return a prediction of the input's shape"
             )
-        signal, noise = self._bcast(self._signal, kk, x), self._bcast(self._noise, kk, x)
         eps, x0 = prediction_to_eps_and_x0(pred, x, signal, noise, self.prediction_type)
         clip = self.schedule.clip_sample
         if clip is not None:  # clamp x0 to the data range and take the eps that goes with it (as DDPM's clip_sample)

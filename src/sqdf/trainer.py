@@ -149,7 +149,7 @@ class Trainer:
         self.device = self.accelerator.device
         _seed_everything(tcfg.seed)
 
-        self.policy = build_policy(self.task, config, out_dir, self.device)
+        self.policy = build_policy(self.task, config, out_dir, self.device, cls)
         self.reward = CheckedReward(training_reward or self.task.reward, name=f"{task_name} reward")
         self.inference_reward = CheckedReward(self.task.reward, name=f"{task_name} reward")
         self.method: Method = cls(config.method, self.policy, self.task.alpha)
@@ -450,9 +450,15 @@ class Trainer:
         return self.elapsed_before + (time.time() - getattr(self, "_start", time.time()))
 
 
-def build_policy(task: Task, config: RunConfig, out_dir: str | None, device) -> DiffusionPolicy:
-    """The task's policy on ``device``: trainable denoiser, frozen reference (a copy, or the same network with its
-    adapters off) and, for the consistency estimator, the task's consistency model."""
+def build_policy(task: Task, config: RunConfig, out_dir: str | None, device,
+                 method: type[Method] | None = None) -> DiffusionPolicy:
+    """The policy on ``device``: the method's own when it builds one (``Method.build_policy``; ``method`` None: the
+    method whose config class config.method has), else the task's: trainable denoiser, frozen reference (a copy, or
+    the same network with its adapters off) and, for the consistency estimator, the task's consistency model."""
+    method = method or next((m for m in METHODS.values() if type(config.method) is m.config_class), None)
+    own = method.build_policy(task, config, out_dir, device) if method is not None else None
+    if own is not None:
+        return own
     schedule = task.make_schedule()
     reference = task.build_reference(schedule, out_dir)
     model = task.build_policy_model(reference)

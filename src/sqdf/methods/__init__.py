@@ -7,15 +7,18 @@ from .direct_backprop import AlignProp, AlignPropConfig, DRaFT, DRaFTConfig, ReF
 from .dpok import DPOK, DPOKConfig
 from .fk_steering import FKSteering, FKSteeringConfig
 from .prdp import PRDP, PRDPConfig
+from .rlcm import RLCM, RLCMConfig
+from .score_as_action import ScoreAsAction, ScoreAsActionConfig
 from .sqdf import SQDF, SQDFConfig
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SQDF, DDPO, DPOK, DRaFT, AlignProp, ReFL, PRDP, BestOfN, FKSteering)
+    cls.name: cls for cls in (SQDF, DDPO, DPOK, DRaFT, AlignProp, ReFL, PRDP, BestOfN, FKSteering, ScoreAsAction,
+                RLCM)
 }
 
 __all__ = [
     "METHODS", "Generated", "InferenceMethod", "IterationContext", "Method", "MethodConfig", "Rollout",
     "SQDF", "SQDFConfig", "DDPO", "DDPOConfig", "DPOK", "DPOKConfig", "DRaFT", "DRaFTConfig", "AlignProp",
     "AlignPropConfig", "ReFL", "ReFLConfig", "PRDP", "PRDPConfig", "BestOfN", "BestOfNConfig", "FKSteering",
-    "FKSteeringConfig",
+    "FKSteeringConfig", "ScoreAsAction", "ScoreAsActionConfig", "RLCM", "RLCMConfig",
 ]

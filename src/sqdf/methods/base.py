@@ -90,6 +90,13 @@ class Method(ABC):
         self.policy = policy
         self.alpha = alpha
 
+    @classmethod
+    def build_policy(cls, task, config, out_dir: str | None, device) -> DiffusionPolicy | None:
+        """A policy of the method's own (e.g. another sampler) for ``task`` and the RunConfig ``config`` on
+        ``device``, or None (the default) for the task's standard one. ``trainer.build_policy`` calls it first, so
+        training, resume and ``sqdf sample`` all rebuild the same policy; it must be deterministic."""
+        return None
+
     def parameters(self) -> list[torch.nn.Parameter]:
         """Parameters the optimizer updates."""
         return self.policy.trainable_parameters()

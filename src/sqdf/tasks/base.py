@@ -49,7 +49,8 @@ class TaskConfig:
         "help": "digits: classifier-free guidance scale of conditional sampling (1: none, the best Frechet "
                 "distance of the shipped model; the shipped consistency model is distilled at 1)"})
     consistency_path: str | None = field(default=None, metadata={
-        "help": "digits: safetensors file of a consistency model (None: the shipped one)"})
+        "help": "safetensors file of a consistency model (digits: None is the shipped one; toy tasks: None is "
+                "~/.cache/sqdf/consistency, distilled on first use, and a missing file is distilled and written)"})
     classifier_path: str | None = field(default=None, metadata={
         "help": "digits: safetensors file of the reward/feature classifier (None: the shipped one)"})
     optimum_samples: int = field(default=2048, metadata={

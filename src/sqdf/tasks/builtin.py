@@ -152,6 +152,14 @@ PRESETS: dict[str, dict[str, dict]] = {
        for name in SD_TASKS},
 }
 
+# RLCM (4 consistency-sampler steps; chosen on gmm1, gmm2, mix25to9 and gaussian, see methods/rlcm.py): a last-step
+# std of 0.3 (its KL grows as 1 / std^2; the blur is part of the reference sampler), a KL-shaped reward r - 3 KL
+# (PPO credits the path KL to every step, so alpha = 1 under-regularizes), no exact-score floor (the DDIM sampler's)
+_RLCM_TOY = {"method": {"final_std": 0.3, "kl_coef": 3.0}, "trainer": {"steps": 250, "floor": False}}
+for _name in ("gmm1", "gmm2", "mix25to9", "gaussian", "gaussian-quadratic"):
+    PRESETS[_name]["rlcm"] = _RLCM_TOY
+PRESETS["digits"]["rlcm"] = {"method": {"kl_coef": 1.0}, "trainer": {"steps": 300}}
+
 # `--tiny`: random tiny models of the family and a few iterations, so that a preset runs end to end on a CPU
 _TINY = {"task": {"tiny": True, "num_inference_steps": 4},
          "trainer": {"steps": 2, "eval_samples": 4, "eval_every": 0, "checkpoint_every": 1},
@@ -188,6 +196,8 @@ _BOUNDED_REWARD = {  # chosen on gmm1 (seed 0), used for the three mixture tasks
     "alignprop": {"method": {"lr": 1e-3, "kl_weight": 1.0}},
     "refl": {"method": {"lr": 1e-3, "kl_weight": 0.0}},
     "prdp": {"method": {"lr": 1e-4, "inner_steps": 4}},
+    # its default "tweedie" value spends B x T queries per iteration (3 iterations at 16384); the "mlp" value none
+    "score-as-action": {"method": {"value_design": "mlp"}},
 }
 _LINEAR_REWARD = {  # chosen on the Gaussian task (seed 0): its linear reward is unbounded, so no-KL variants diverge
     **_BOUNDED_REWARD,

@@ -148,12 +148,15 @@ class DigitsTask(Task):
         return model
 
     def export_model(self, model: nn.Module, path: str) -> None:
-        """The fine-tuned UNet in the shipped format: reload it with ``sqdf.digits.load_model(path)`` or use it as
-        the base of another run with ``--set task.base_path=PATH``."""
+        """The fine-tuned UNet (or consistency model, for RLCM) in the shipped format: reload it with
+        ``sqdf.digits.load_model(path, kind)``, or use a UNet as the base of another run with
+        ``--set task.base_path=PATH``."""
+        from ..digits.consistency import ConsistencyModel
         from ..digits.store import save_model
 
         inner = getattr(model, "model", model)
-        save_model(inner, path, "unet", schedule=self.config.schedule, num_train_steps=self.config.num_train_steps,
+        kind = "consistency" if isinstance(inner, ConsistencyModel) else "unet"  # an RLCM run fine-tunes the CM
+        save_model(inner, path, kind, schedule=self.config.schedule, num_train_steps=self.config.num_train_steps,
                    guidance_scale=self.config.guidance_scale)
 
     # ---- the optimum and the exact target, from base samples ------------------------------------------------

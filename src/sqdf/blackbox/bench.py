@@ -36,6 +36,11 @@ BLACKBOX_PRESETS: dict[str, dict[str, dict]] = {
         "ddpo:direct": {"method": {"batch_size": 32, "lr": 3e-3, "clip_range": 1e-2}},
         "prdp:direct": {"method": {"batch_size": 32, "lr": 3e-3}},
     },
+    "digits": {
+        "sqdf": {"method": {"lr": 1e-5}, "blackbox": {"inner_steps": 100}},
+        "ddpo:direct": {"method": {"batch_size": 32, "lr": 1e-5, "clip_range": 1e-2}},
+        "prdp:direct": {"method": {"batch_size": 32, "lr": 1e-5}},
+    },
 }
 CURVE_KEYS = ("reward_queries", "reward_mean", "path_kl", "regret", "mode_tv", "energy_distance", "frechet",
               "diversity", "target_accuracy")

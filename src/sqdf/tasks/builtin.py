@@ -159,6 +159,9 @@ _RLCM_TOY = {"method": {"final_std": 0.3, "kl_coef": 3.0}, "trainer": {"steps": 
 for _name in ("gmm1", "gmm2", "mix25to9", "gaussian", "gaussian-quadratic"):
     PRESETS[_name]["rlcm"] = _RLCM_TOY
 PRESETS["digits"]["rlcm"] = {"method": {"kl_coef": 1.0}, "trainer": {"steps": 300}}
+# score-as-action samples with Euler-Maruyama: the exact-score floor of the DDPM sampler does not describe it
+for _name in ("gmm1", "gmm2", "mix25to9", "gaussian", "gaussian-quadratic"):
+    PRESETS[_name]["score-as-action"] = {"trainer": {"floor": False}}
 
 # `--tiny`: random tiny models of the family and a few iterations, so that a preset runs end to end on a CPU
 _TINY = {"task": {"tiny": True, "num_inference_steps": 4},

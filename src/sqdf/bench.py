@@ -442,24 +442,37 @@ class BenchResult:
     written: list[str]  # results.json, table.md and the plots
     failed: list[dict]  # the error rows
     reused: int  # runs taken from an earlier bench in the same folder
+    discretization: str = ""  # the text of discretization.md (--discretization), else ""
+    discretization_failed: list[dict] = field(default_factory=list)  # evaluations that failed
 
 
-def command_text(tasks, methods, queries, seeds, out, jobs, eval_samples, overrides) -> str:
-    """The explicit `sqdf bench ...` command that reproduces a bench (every setting spelled out)."""
+def command_text(tasks, methods, queries, seeds, out, jobs, eval_samples, overrides, extra=()) -> str:
+    """The explicit `sqdf bench ...` command that reproduces a bench (every setting spelled out; extra: more
+    arguments, e.g. the --discretization ones)."""
     argv = ["sqdf", "bench", *tasks, "--methods", ",".join(methods), "--queries", str(queries), "--seeds", str(seeds),
             "--eval-samples", str(eval_samples), "--jobs", str(jobs), "--out", out]
     for item in overrides:
         argv += ["--set", item]
-    return shlex.join(argv)
+    return shlex.join([*argv, *extra])
 
 
 def run_bench(tasks=None, methods=None, queries: int = DEFAULT_QUERIES, seeds: int = DEFAULT_SEEDS,
               out: str | None = None, jobs: int = DEFAULT_JOBS, eval_samples: int = DEFAULT_EVAL_SAMPLES,
-              overrides=(), log=print) -> BenchResult:
+              overrides=(), log=print, discretization=None, discretization_samples: int | None = None) -> BenchResult:
     """Run (or reuse) every method on every task for seeds 0..seeds-1 and write results.json, table.md and the
-    plots into out. Bad names or values raise ConfigError before anything runs; failed runs become error rows."""
+    plots into out. Bad names or values raise ConfigError before anything runs; failed runs become error rows.
+    discretization: sampler step counts ('10,20,50,100'): then every finished run is also evaluated under every
+    sampler at each count (discretization_bench; discretization_samples samples per setting, default 4096)."""
+    from . import discretization as disc
     from .methods import METHODS
 
+    steps = None if discretization is None else disc.parse_steps(discretization)
+    if steps is None and discretization_samples is not None:
+        raise ConfigError("--discretization-samples applies to --discretization; add e.g. "
+                          "--discretization 10,20,50,100")
+    disc_samples = disc.DEFAULT_SAMPLES if discretization_samples is None else discretization_samples
+    if disc_samples < 1:
+        raise ConfigError(f"--discretization-samples {disc_samples} must be >= 1 (e.g. 4096)")
     tasks = split_names(tasks) or list(DEFAULT_TASKS)
     methods = split_names(methods) or list(METHODS)
     for name, value in (("--queries", queries), ("--seeds", seeds), ("--jobs", jobs), ("--eval-samples", eval_samples)):
@@ -471,6 +484,10 @@ def run_bench(tasks=None, methods=None, queries: int = DEFAULT_QUERIES, seeds: i
         if len(where) < len(methods):
             log(f"sqdf bench: --set {item} applies only to {', '.join(where)} (the other methods have no such key)")
     specs = plan_runs(tasks, methods, seeds, queries, eval_samples, overrides, out)
+    for spec in specs if steps else ():
+        if max(steps) >= spec.config["task"]["num_train_steps"]:
+            raise ConfigError(f"--discretization {max(steps)} steps: {spec.task} has "
+                              f"{spec.config['task']['num_train_steps']} training timesteps; use fewer steps")
 
     done = [s for s in specs if os.path.exists(os.path.join(s.run_dir, "summary.json"))]
     todo = [s for s in specs if s not in done]
@@ -492,7 +509,9 @@ def run_bench(tasks=None, methods=None, queries: int = DEFAULT_QUERIES, seeds: i
     os.makedirs(out, exist_ok=True)
     written = [os.path.join(out, "results.json"), os.path.join(out, "table.md")]
     _write_text(written[0], json.dumps(rows, indent=1))
-    command = command_text(tasks, methods, queries, seeds, out, jobs, eval_samples, overrides)
+    extra = () if steps is None else ("--discretization", ",".join(map(str, steps)),
+                                      "--discretization-samples", str(disc_samples))
+    command = command_text(tasks, methods, queries, seeds, out, jobs, eval_samples, overrides, extra)
     table = header_text(command, queries, seeds, eval_samples, machine_text()) + "\n" + \
         overview_table(rows, tasks, methods) + "\n" + results_tables(rows, tasks, methods)
     _write_text(written[1], table)
@@ -504,7 +523,15 @@ def run_bench(tasks=None, methods=None, queries: int = DEFAULT_QUERIES, seeds: i
 
         written += write_plots(rows, task_objects, methods, os.path.join(out, "plots"), log)
     failed = [r for r in rows if "error" in r]
-    return BenchResult(rows, table, written, failed, len(done))
+    result = BenchResult(rows, table, written, failed, len(done))
+    if steps is not None:
+        from .discretization_bench import run_discretization
+
+        header = f"`{command}`\n\nMachine: {machine_text()}; training: {queries} reward queries per run.\n"
+        result.discretization, paths, result.discretization_failed = run_discretization(
+            rows, steps, disc.SAMPLERS, disc_samples, out, jobs, tasks, methods, header, log)
+        result.written += paths
+    return result
 
 
 def _task_config(specs, task: str):

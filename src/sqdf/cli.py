@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key in every run whose method has it, e.g. --set "
                    "task.num_inference_steps=50 (repeatable)")
+    b.add_argument("--discretization", metavar="T1,T2,...", help="after the runs, evaluate every fine-tuned network "
+                   "with the DDPM, Euler-Maruyama, Heun and probability-flow ODE samplers at these step counts, e.g. "
+                   "10,20,50,100 (writes discretization.md/.json and plots/discretization_TASK.png; train every method "
+                   "at one count with --set task.num_inference_steps=T)")
+    b.add_argument("--discretization-samples", type=int, metavar="N",
+                   help="--discretization: samples per sampler setting (default 4096)")
     b.add_argument("--blackbox", type=int, metavar="BUDGET", help="compare in the black-box setting at this oracle "
                    "budget per run; --methods then takes entries METHOD (proxy loop), METHOD:direct (trained on the "
                    "oracle) and best_of_n:N (default: sqdf,ddpo:direct,prdp:direct,best_of_n:8; tasks default gmm1)")
@@ -267,6 +273,8 @@ def _bench(args) -> int:
     from . import bench
     from .bench import run_bench
 
+    if args.blackbox is not None and (args.discretization or args.discretization_samples):
+        raise SqdfError("--discretization evaluates the runs of an ordinary bench; drop it or --blackbox")
     try:
         if args.blackbox is not None:
             from .blackbox.bench import run_blackbox_bench
@@ -278,13 +286,17 @@ def _bench(args) -> int:
                                          "noise_std": args.noise})
         else:
             result = run_bench(args.tasks, [args.methods] if args.methods else None, args.queries, args.seeds,
-                               args.out, args.jobs, args.eval_samples or bench.DEFAULT_EVAL_SAMPLES, args.overrides)
+                               args.out, args.jobs, args.eval_samples or bench.DEFAULT_EVAL_SAMPLES, args.overrides,
+                               discretization=args.discretization,
+                               discretization_samples=args.discretization_samples)
     except KeyboardInterrupt:
         print("sqdf: interrupted; finished runs are kept: run the same command again to finish the bench",
               file=sys.stderr)
         return 130
     print()
     print(result.table)
+    if getattr(result, "discretization", ""):
+        print(result.discretization)
     print("written:")
     for path in result.written:
         print(f"  {path}")
@@ -293,6 +305,10 @@ def _bench(args) -> int:
               file=sys.stderr)
         for row in result.failed:
             print(f"  {row['task']}/{row['method']}/seed{row['seed']}: {row['error']}", file=sys.stderr)
+        return 1
+    if getattr(result, "discretization_failed", None):
+        print(f"sqdf bench: {len(result.discretization_failed)} discretization evaluations failed (see "
+              "discretization.json)", file=sys.stderr)
         return 1
     return 0
 

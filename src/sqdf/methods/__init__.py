@@ -1,6 +1,6 @@
 """Fine-tuning methods, each one module with one config dataclass. Register new ones in METHODS."""
 
-from .base import Generated, InferenceMethod, IterationContext, Method, MethodConfig, Rollout
+from .base import Generated, InferenceMethod, IterationContext, Method, MethodConfig, Rollout, ValueHeadMethod
 from .best_of_n import BestOfN, BestOfNConfig
 from .ddpo import DDPO, DDPOConfig
 from .direct_backprop import AlignProp, AlignPropConfig, DRaFT, DRaFTConfig, ReFL, ReFLConfig
@@ -17,7 +17,7 @@ METHODS: dict[str, type[Method]] = {
 }
 
 __all__ = [
-    "METHODS", "Generated", "InferenceMethod", "IterationContext", "Method", "MethodConfig", "Rollout",
+    "METHODS", "Generated", "InferenceMethod", "IterationContext", "Method", "MethodConfig", "Rollout", "ValueHeadMethod",
     "SQDF", "SQDFConfig", "DDPO", "DDPOConfig", "DPOK", "DPOKConfig", "DRaFT", "DRaFTConfig", "AlignProp",
     "AlignPropConfig", "ReFL", "ReFLConfig", "PRDP", "PRDPConfig", "BestOfN", "BestOfNConfig", "FKSteering",
     "FKSteeringConfig", "ScoreAsAction", "ScoreAsActionConfig", "RLCM", "RLCMConfig",

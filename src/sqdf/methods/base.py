@@ -126,6 +126,24 @@ class Method(ABC):
         pass
 
 
+class ValueHeadMethod(Method):
+    """A method that owns a value network ``self.value`` (set in ``__init__``), updated by the same optimizer in a
+    parameter group of its own at ``config.value_lr``."""
+
+    value: torch.nn.Module
+
+    def to(self, device) -> "ValueHeadMethod":
+        self.value.to(device)
+        return self
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.policy.trainable_parameters() + list(self.value.parameters())
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": self.policy.trainable_parameters()},
+                {"params": list(self.value.parameters()), "lr": self.config.value_lr}]
+
+
 class InferenceMethod(Method):
     """A method that trains nothing and spends its reward queries while sampling (in ``generate``)."""
 

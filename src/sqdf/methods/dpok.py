@@ -21,7 +21,7 @@ from ..config import option
 from ..errors import ConfigError
 from ..models.value import ValueMLP
 from ..schedule import gaussian_log_prob
-from .base import IterationContext, Method, MethodConfig
+from .base import IterationContext, MethodConfig, ValueHeadMethod
 from .ddpo import ppo_clip_loss
 
 
@@ -62,7 +62,7 @@ def dpok_loss(
     return policy_loss + value_coef * value_loss, policy_loss
 
 
-class DPOK(Method):
+class DPOK(ValueHeadMethod):
     name = "dpok"
     config_class = DPOKConfig
 
@@ -74,17 +74,6 @@ class DPOK(Method):
             numel *= size
         cond_dim = getattr(policy.model, "cond_dim", 0)
         self.value = ValueMLP(numel, config.value_hidden, num_train_steps=policy.num_steps, cond_dim=cond_dim)
-
-    def to(self, device) -> "DPOK":
-        self.value.to(device)
-        return self
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return self.policy.trainable_parameters() + list(self.value.parameters())
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": self.policy.trainable_parameters()},
-                {"params": list(self.value.parameters()), "lr": self.config.value_lr}]
 
     def train_iteration(self, ctx: IterationContext) -> dict[str, float]:
         cfg = self.config

@@ -60,7 +60,7 @@ from ..schedule import spaced_timesteps
 from ..sde import (
     SOLVERS, check_vp, em_log_ratio, random_timesteps, sample_sde, terminal_tweedie, vp_increments,
 )
-from .base import Generated, IterationContext, Method, MethodConfig
+from .base import Generated, IterationContext, MethodConfig, ValueHeadMethod
 from .common import repeat_cond
 
 TIME_GRIDS = ("fixed", "random")
@@ -179,7 +179,7 @@ def adapt_kl_coef(coef: float, kl_old: float, target: float) -> float:
 
 
 # ---- the method ------------------------------------------------------------------------------------------------
-class ScoreAsAction(Method):
+class ScoreAsAction(ValueHeadMethod):
     name = "score-as-action"
     config_class = ScoreAsActionConfig
 
@@ -209,17 +209,6 @@ class ScoreAsAction(Method):
             self.value.net[-1].bias.zero_()
         self.value.to(policy._device())
         self.kl_coef = float(config.kl_coef_init)
-
-    def to(self, device) -> "ScoreAsAction":
-        self.value.to(device)
-        return self
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return self.policy.trainable_parameters() + list(self.value.parameters())
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": self.policy.trainable_parameters()},
-                {"params": list(self.value.parameters()), "lr": self.config.value_lr}]
 
     # ---- grids and values ------------------------------------------------------------------------------------
     def time_grid(self, generator: torch.Generator) -> list[int]:

@@ -19,7 +19,7 @@ from ..checkpoint import list_checkpoints, load_latest_checkpoint
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..metrics import objective_terms
-from .loop import BlackboxConfig, _saved_run, plot_rounds
+from .loop import BlackboxConfig, _read_saved, _saved_run, plot_rounds
 from .oracle import Oracle
 
 
@@ -188,8 +188,6 @@ class BestOfNRun:
         """Run again from the start: every draw repeats, and the oracle answers the paid-for ones from its log."""
         from ..trainer import read_run_config
 
-        path = os.path.join(out_dir, "blackbox.yaml")
-        with open(path) as fh:
-            saved = yaml.safe_load(fh)
+        saved = _read_saved(out_dir)
         _, _, run_config = read_run_config(os.path.join(out_dir, "inner"))
         return cls(saved["task_name"], run_config, BlackboxConfig(**saved["blackbox"]), out_dir, saved["best_of"])

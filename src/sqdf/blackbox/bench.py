@@ -173,7 +173,7 @@ def result_row(spec: BlackboxSpec, rows: list[dict], seconds: float | None) -> d
 
 def run_blackbox_one(spec: BlackboxSpec) -> dict:
     """Make (or finish) one run and return its result row; an exception becomes an error row."""
-    from ..bench import error_row
+    from ..bench import _write_text, error_row
     from .loop import resume_run
 
     try:
@@ -188,8 +188,7 @@ def run_blackbox_one(spec: BlackboxSpec) -> dict:
             run = _build(spec)
         rows = run.run()
         seconds = time.time() - start
-        with open(os.path.join(spec.run_dir, "finished.json"), "w") as fh:
-            json.dump({"wall_seconds": seconds}, fh)
+        _write_text(os.path.join(spec.run_dir, "finished.json"), json.dumps({"wall_seconds": seconds}))
         return result_row(spec, rows, seconds)
     except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the bench goes on
         os.makedirs(spec.run_dir, exist_ok=True)

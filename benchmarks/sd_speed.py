@@ -188,7 +188,7 @@ def alignprop_window(args) -> tuple[int, int | None] | None:
 
 def build_config(args, env: dict, method: str, ckpt: bool):
     """The RunConfig of one configuration: the task's presets for the method, then the benchmark's settings."""
-    from sqdf.trainer import default_config
+    from sqdf.training.run_setup import default_config
 
     config = default_config(method, TASK)
     settings = {
@@ -228,7 +228,7 @@ def is_oom(exc: BaseException) -> bool:
 def run_one(args, env: dict, method: str, ckpt: bool) -> Result:
     """Build a fresh Trainer for (method, ckpt), run warmup + iters iterations through Trainer.train() with timed
     iteration calls, and return the timings; the Trainer is gone (and its memory freed) when this returns."""
-    from sqdf.trainer import Trainer
+    from sqdf.training.trainer import Trainer
 
     cuda = env["device"] == "cuda"
     res = Result(method, ckpt)
@@ -314,7 +314,7 @@ def run_one(args, env: dict, method: str, ckpt: bool) -> Result:
 # ---- report ---------------------------------------------------------------------------------------------------
 def iteration_descriptions(args, env: dict) -> list[str]:
     """What one training iteration does for each method, with this run's numbers."""
-    from sqdf.trainer import default_config
+    from sqdf.training.run_setup import default_config
 
     B, T = args.batch, args.steps
     min_k = default_config("alignprop", TASK).method.min_k  # the method's own lower end of K

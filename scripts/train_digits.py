@@ -18,12 +18,12 @@ import time
 
 import torch
 
+from sqdf.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from sqdf.digits.classifier import DigitClassifier
 from sqdf.digits.data import load_digits_split
 from sqdf.digits.store import WEIGHTS_DIR, load_model, save_model
 from sqdf.digits.training import distill_consistency, train_classifier, train_unet
 from sqdf.digits.unet import DigitUNet
-from sqdf.schedule import NoiseSchedule, ScheduleConfig
 
 GUIDANCE = 1.0  # the guidance scale the consistency model is distilled at (the task default: the best Frechet)
 

@@ -14,7 +14,7 @@ import torch
 
 import sqdf.tasks
 from sqdf.cli import main
-from sqdf.mixture import GaussianMixture
+from sqdf.diffusion.mixture import GaussianMixture
 from sqdf.tasks import MixtureTask, TaskConfig
 
 # A run small enough to take about a second in-process.

@@ -6,7 +6,7 @@ import pytest
 
 from sqdf.config import load_yaml, parse_assignment
 from sqdf.errors import ConfigError, SqdfError
-from sqdf.trainer import default_config
+from sqdf.training.run_setup import default_config
 
 
 @pytest.fixture

@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the inner run's config, e.g. --set method.lr=1e-4 (repeatable)")
 
-    from . import bench
+    from .bench import runs as bench
 
     b = sub.add_parser("bench", help="compare methods on tasks over seeds at the same training reward-query budget")
     b.add_argument("tasks", nargs="*", metavar="TASK",
@@ -117,7 +117,8 @@ def _print_config_help(run_config) -> None:
 
 def _train(args) -> int:
     from .config import load_yaml, parse_assignment
-    from .trainer import Trainer, check_task_name, default_config, make_task, method_class
+    from .training.run_setup import check_task_name, default_config, make_task, method_class
+    from .training.trainer import Trainer
 
     method_class(args.method)
     check_task_name(args.task)
@@ -161,7 +162,7 @@ def _train(args) -> int:
 
 
 def _resume(args) -> int:
-    from .trainer import Trainer
+    from .training.trainer import Trainer
 
     trainer = Trainer.resume(args.run_dir)
     if args.steps is not None:
@@ -203,7 +204,7 @@ def _tasks(_args) -> int:
 def _sample(args) -> int:
     from safetensors.torch import save_file
 
-    from .sampling import load_run, sample_run
+    from .training.saved_runs import load_run, sample_run
 
     if args.n < 1:
         raise SqdfError(f"--n {args.n} must be >= 1")
@@ -228,7 +229,9 @@ def _sample(args) -> int:
 
 def _blackbox(args) -> int:
     from .blackbox.baselines import BestOfNRun, DirectRun
-    from .blackbox.loop import BlackboxConfig, BlackboxRun, resume_run
+    from .blackbox.loop import BlackboxRun
+    from .blackbox.resume import resume_run
+    from .blackbox.run_folder import BlackboxConfig
 
     if args.resume:
         run = resume_run(args.resume)
@@ -237,7 +240,7 @@ def _blackbox(args) -> int:
         if not args.task:
             raise SqdfError("name a task (e.g. `sqdf blackbox gmm1 --budget 512`) or pass --resume DIR")
         from .config import parse_assignment
-        from .trainer import check_task_name, default_config, method_class
+        from .training.run_setup import check_task_name, default_config, method_class
 
         if args.best_of is not None and args.direct:
             raise SqdfError("--best-of and --direct are two different baselines; pass one of them")
@@ -270,14 +273,14 @@ def _blackbox(args) -> int:
 
 
 def _bench(args) -> int:
-    from . import bench
-    from .bench import run_bench
+    from .bench import runs as bench
+    from .bench.runs import run_bench
 
     if args.blackbox is not None and (args.discretization or args.discretization_samples):
         raise SqdfError("--discretization evaluates the runs of an ordinary bench; drop it or --blackbox")
     try:
         if args.blackbox is not None:
-            from .blackbox.bench import run_blackbox_bench
+            from .bench.blackbox import run_blackbox_bench
 
             eval_samples = args.eval_samples or 512
             result = run_blackbox_bench(args.tasks, [args.methods] if args.methods else None, args.blackbox,

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sqdf.blackbox.loop import BlackboxConfig
+from sqdf.blackbox.run_folder import BlackboxConfig
 from sqdf.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_direct_baseline_spends_exactly_the_budget_and_resumes(tmp_path, monkeypatch, counted):
     from sqdf.blackbox.baselines import DirectRun
-    from sqdf.trainer import Trainer, default_config
+    from sqdf.training.run_setup import default_config
+    from sqdf.training.trainer import Trainer
 
     def build(out):
         cfg = default_config("ddpo", "gaussian")
@@ -53,7 +54,7 @@ def test_direct_baseline_spends_exactly_the_budget_and_resumes(tmp_path, monkeyp
 
 def _best_of(out, n=4, budget=96, shares="1,2"):
     from sqdf.blackbox.baselines import BestOfNRun
-    from sqdf.trainer import default_config
+    from sqdf.training.run_setup import default_config
 
     cfg = default_config("best_of_n", "gaussian")
     cfg.update({"trainer": {"device": "cpu", "progress": False, "tensorboard": False, "plots": False, "floor": False},
@@ -84,8 +85,8 @@ def test_best_of_n_picks_each_groups_best_label_and_spends_the_budget(tmp_path, 
 
 def test_best_of_n_resume_buys_nothing_twice(tmp_path, monkeypatch, counted):
     from sqdf.blackbox.baselines import BestOfNRun
-    from sqdf.blackbox.loop import resume_run
     from sqdf.blackbox.oracle import Oracle
+    from sqdf.blackbox.resume import resume_run
 
     rows = _best_of(tmp_path / "a").run()
     counted["n"] = 0

@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from sqdf.blackbox.loop import BlackboxConfig, BlackboxRun
+from sqdf.blackbox.loop import BlackboxRun
+from sqdf.blackbox.run_folder import BlackboxConfig
 from sqdf.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(out, budget=48, shares="1,2", inner=3, **settings):
-    from sqdf.trainer import default_config
+    from sqdf.training.run_setup import default_config
 
     cfg = default_config("sqdf", "gaussian")
     cfg.update({"trainer": {"device": "cpu", "progress": False, "tensorboard": False, "plots": False,
@@ -52,7 +52,7 @@ def test_kill_mid_round_then_resume_buys_nothing_twice(tmp_path, monkeypatch, co
 
     counted["n"] = 0
     run = _run(tmp_path / "killed")
-    from sqdf.trainer import Trainer
+    from sqdf.training.trainer import Trainer
 
     real_train, seen = Trainer.train, {"n": 0}
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from sqdf.blackbox.proxy import EnsembleProxy, ModuleFeatures, RawFeatures, UCBProxy, make_proxy
+from sqdf.blackbox.proxy import EnsembleProxy, UCBProxy, make_proxy
 from sqdf.errors import ConfigError
+from sqdf.models.features import ModuleFeatures, RawFeatures
 
 B = torch.tensor([0.5, -0.3], dtype=torch.float64)
 FAST = dict(hidden=32, epochs=200, lr=1e-2)

@@ -2,11 +2,11 @@
 
 import torch
 
+from sqdf.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from sqdf.digits.classifier import DigitClassifier
 from sqdf.digits.data import load_digits_split
 from sqdf.digits.training import distill_consistency, shift_augment, train_classifier, train_unet
 from sqdf.digits.unet import DigitUNet
-from sqdf.schedule import NoiseSchedule, ScheduleConfig
 
 
 def test_shift_augment_moves_images_and_fills_background():

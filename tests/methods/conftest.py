@@ -18,7 +18,8 @@ def train_on_gaussian(tmp_path):
 
 def _train_on_gaussian(method: str, tmp_path, steps: int, **overrides) -> tuple[dict, dict]:
     """(base evaluation, final summary) of `method` on the 2-D Gaussian task with 10 sampler steps."""
-    from sqdf.trainer import Trainer, default_config
+    from sqdf.training.run_setup import default_config
+    from sqdf.training.trainer import Trainer
 
     config = default_config(method)
     settings = {"trainer.steps": steps, "trainer.eval_every": 0, "trainer.eval_samples": 1024,

@@ -71,7 +71,8 @@ def test_ddpo_improves_reward(train_on_gaussian):
 def test_transition_chunks_give_the_same_update(tmp_path):
     """Chunked forward/backward passes inside one gradient step (ctx.backward, then optimizer_step) update the
     policy exactly as one pass over all B x T transitions."""
-    from sqdf.trainer import Trainer, default_config
+    from sqdf.training.run_setup import default_config
+    from sqdf.training.trainer import Trainer
 
     def params_after(chunk: int):
         cfg = default_config("ddpo", "gaussian")

@@ -7,12 +7,19 @@ import pytest
 import torch
 from torch import nn
 
+from sqdf.diffusion.policy import DiffusionPolicy
+from sqdf.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from sqdf.errors import ConfigError
 from sqdf.methods.direct_backprop import (
-    AlignProp, AlignPropConfig, DRaFT, DRaFTConfig, ReFL, ReFLConfig, direct_loss, run_chain,
+    AlignProp,
+    AlignPropConfig,
+    DRaFT,
+    DRaFTConfig,
+    ReFL,
+    ReFLConfig,
+    direct_loss,
+    run_chain,
 )
-from sqdf.policy import DiffusionPolicy
-from sqdf.schedule import NoiseSchedule, ScheduleConfig
 
 T, D = 4, 2
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from sqdf.consistency_schedule import ConsistencySchedule
+from sqdf.diffusion.consistency_schedule import ConsistencySchedule
+from sqdf.diffusion.policy import DiffusionPolicy
+from sqdf.diffusion.schedule import FlowMatchSchedule, NoiseSchedule, ScheduleConfig, gaussian_kl, gaussian_log_prob
 from sqdf.errors import ConfigError
 from sqdf.methods.base import IterationContext, Rollout
 from sqdf.methods.ddpo import PerConditionStatTracker, ppo_clip_loss
 from sqdf.methods.rlcm import RLCM, RLCMConfig
-from sqdf.policy import DiffusionPolicy
-from sqdf.schedule import FlowMatchSchedule, NoiseSchedule, ScheduleConfig, gaussian_kl, gaussian_log_prob
 
 N_TRAIN, T, D, FINAL_STD = 50, 4, 2, 0.1
 
@@ -202,12 +202,12 @@ def consistency_files(tmp_path_factory):
 
 def test_build_policy_hook_gives_the_consistency_policy_without_naming_the_method(consistency_files):
     from sqdf.models.toy_consistency import ToyConsistencyModel
-    from sqdf.trainer import build_policy, default_config, make_task
+    from sqdf.training.run_setup import build_policy, default_config, make_task
 
     config = default_config("rlcm", "gmm1")
     config.set("task.consistency_path", consistency_files["gmm1"], raw=False)
     task = make_task("gmm1", config.task)
-    policy = build_policy(task, config, None, torch.device("cpu"))  # as sqdf.sampling.load_run calls it
+    policy = build_policy(task, config, None, torch.device("cpu"))  # as sqdf.training.saved_runs.load_run calls it
     assert isinstance(policy.schedule, ConsistencySchedule) and policy.prediction_type == "sample"
     assert policy.num_steps == 4 and float(policy.schedule.sigmas[-1]) == 0.3  # the gmm1 preset
     assert isinstance(policy.reference, ToyConsistencyModel) and policy.model is not policy.reference
@@ -229,7 +229,7 @@ def _rows(run_dir):
 
 def test_resume_equals_uninterrupted_and_sqdf_sample_reloads_the_policy(consistency_files, tmp_path):
     from sqdf.cli import main
-    from sqdf.sampling import load_run, sample_run
+    from sqdf.training.saved_runs import load_run, sample_run
 
     cm = ["--set", f"task.consistency_path={consistency_files['gmm1']}"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -263,7 +263,7 @@ def test_rlcm_improves_reward_on_a_small_toy_run(train_on_gaussian, consistency_
 
 def test_digits_policy_is_a_trainable_copy_of_the_shipped_consistency_model(tmp_path):
     from sqdf.digits.consistency import ConsistencyModel
-    from sqdf.trainer import build_policy, default_config, make_task
+    from sqdf.training.run_setup import build_policy, default_config, make_task
 
     config = default_config("rlcm", "digits")
     config.set("task.digit_condition", "1,7", raw=False)

@@ -10,16 +10,21 @@ import os
 import pytest
 import torch
 
+from sqdf.diffusion.mixture import GaussianMixture
+from sqdf.diffusion.policy import DiffusionPolicy
+from sqdf.diffusion.schedule import FlowMatchSchedule, NoiseSchedule, ScheduleConfig, gaussian_kl
+from sqdf.diffusion.sde import em_mean, sample_sde
 from sqdf.errors import ConfigError
-from sqdf.mixture import GaussianMixture
-from sqdf.models.denoisers import MixtureScoreDenoiser, MLPDenoiser, ResidualDenoiser
-from sqdf.policy import DiffusionPolicy
-from sqdf.schedule import FlowMatchSchedule, NoiseSchedule, ScheduleConfig, gaussian_kl
-from sqdf.sde import em_mean, sample_sde
 from sqdf.methods.score_as_action import (
-    KL_COEF_RANGE, ScoreAsAction, ScoreAsActionConfig, adapt_kl_coef, score_as_action_loss, soft_returns,
+    KL_COEF_RANGE,
+    ScoreAsAction,
+    ScoreAsActionConfig,
+    adapt_kl_coef,
+    score_as_action_loss,
+    soft_returns,
     td_advantages,
 )
+from sqdf.models.denoisers import MixtureScoreDenoiser, MLPDenoiser, ResidualDenoiser
 
 N = 200
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from sqdf.diffusion.mixture import QuadraticReward
+from sqdf.diffusion.policy import DiffusionPolicy
+from sqdf.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from sqdf.errors import ConfigError
 from sqdf.methods.base import IterationContext, Rollout
 from sqdf.methods.sqdf import SQDF, SQDFConfig, sqdf_loss
-from sqdf.mixture import QuadraticReward
-from sqdf.policy import DiffusionPolicy
-from sqdf.schedule import NoiseSchedule, ScheduleConfig
 
 N_TRAIN, T, D = 50, 5, 2
 

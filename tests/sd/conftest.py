@@ -25,7 +25,8 @@ def sd_run(tiny_pipes, tiny_reward_root, tmp_path):
     """sd_run(task, method, steps=1, out=None, **settings) -> Trainer (built, not trained) on a tiny pipeline."""
     from sqdf.sd.tiny import write_tiny_reward_weights
     from sqdf.tasks import SD_TASKS, tiny_overrides
-    from sqdf.trainer import Trainer, default_config
+    from sqdf.training.run_setup import default_config
+    from sqdf.training.trainer import Trainer
 
     def build(task: str, method: str, steps: int = 1, out: str | None = None, **settings) -> Trainer:
         config = default_config(method, task)

@@ -21,8 +21,13 @@ from sqdf.errors import MissingWeightsError
 from sqdf.sd.rewards.base import clip_preprocess
 from sqdf.sd.rewards.clip_score import clip_image_embeds
 from sqdf.sd.rewards.hps import CHECKPOINTS, convert_open_clip_state_dict, hpsv2_config, load_hpsv2
-from sqdf.sd.rewards.imagereward import (MEAN, STD, convert_imagereward_state_dict, imagereward_vision_config,
-                                         load_imagereward)
+from sqdf.sd.rewards.imagereward import (
+    MEAN,
+    STD,
+    convert_imagereward_state_dict,
+    imagereward_vision_config,
+    load_imagereward,
+)
 from sqdf.sd.tiny import TINY_TOKENS, tiny_clip_config, write_tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -118,7 +118,7 @@ def test_saved_lora_loads_into_a_diffusers_pipeline(sd_run, tiny_pipes, task):
 
 
 def test_resume_continues_exactly(sd_run, tmp_path):
-    from sqdf.trainer import Trainer
+    from sqdf.training.trainer import Trainer
 
     straight = sd_run("sd15-aesthetic", "sqdf", steps=2, out=str(tmp_path / "straight"))
     straight.train()

@@ -43,10 +43,11 @@ def test_reward_without_clip_needs_proxy_clip(sd_run):
 
 
 def test_blackbox_round_on_a_tiny_pipeline(tiny_pipes, tiny_reward_root, tmp_path):
-    from sqdf.blackbox.loop import BlackboxConfig, BlackboxRun
+    from sqdf.blackbox.loop import BlackboxRun
+    from sqdf.blackbox.run_folder import BlackboxConfig
     from sqdf.sd.tiny import write_tiny_reward_weights
     from sqdf.tasks import tiny_overrides
-    from sqdf.trainer import default_config
+    from sqdf.training.run_setup import default_config
 
     config = default_config("sqdf", "sd15-aesthetic")
     config.update(tiny_overrides("sqdf"))

@@ -8,37 +8,19 @@ query log; ``blackbox.png``), so the three kinds compare row for row.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 import torch
-import yaml
 
-from ..checkpoint import list_checkpoints, load_latest_checkpoint
 from ..config import RunConfig
 from ..errors import ConfigError
-from ..metrics import objective_terms
-from .loop import BlackboxConfig, _read_saved, _saved_run, plot_rounds
+from ..evaluation.metrics import objective_terms
+from ..training.checkpoint import list_checkpoints, load_latest_checkpoint
 from .oracle import Oracle
-
+from .run_folder import BlackboxConfig, plot_rounds, read_saved, saved_run, write_rows, write_saved
 
 MIN_METRIC_OUTPUTS = 32  # fewer winners than this get reward, KL and regret only
-
-
-def _write_saved(out_dir: str, task_name: str, method_name: str, bb: BlackboxConfig, **extra) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    data = {"task_name": task_name, "method_name": method_name, **extra, "blackbox": dataclasses.asdict(bb)}
-    with open(os.path.join(out_dir, "blackbox.yaml"), "w") as fh:
-        yaml.safe_dump(data, fh, sort_keys=False)
-
-
-def _write_rows(out_dir: str, rows: list[dict]) -> None:
-    path = os.path.join(out_dir, "blackbox.jsonl")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
 
 
 class DirectRun:
@@ -47,7 +29,8 @@ class DirectRun:
 
     def __init__(self, task_name: str, method_name: str, run_config: RunConfig, bb: BlackboxConfig, out_dir: str,
                  evaluations: int = 8):
-        from ..trainer import Trainer, method_class
+        from ..training.run_setup import method_class
+        from ..training.trainer import Trainer
 
         bb.validate()
         if not method_class(method_name).trains:
@@ -77,7 +60,7 @@ class DirectRun:
         return self.oracle(x, cond).to(x.device)
 
     def run(self) -> list[dict]:
-        _write_saved(self.out_dir, self.task_name, self.method_name, self.bb, direct=True)
+        write_saved(self.out_dir, self.task_name, self.method_name, self.bb, direct=True)
         self.trainer.train()
         rows = self.rows()
         plot_rounds(rows, self.out_dir, f"{self.method_name} on {self.task_name}: oracle directly, "
@@ -90,12 +73,12 @@ class DirectRun:
             evals = [json.loads(line) for line in fh if '"eval"' in line]
         rows = [{"round": i, "queries": r["reward_queries"], **{k: v for k, v in r.items() if k not in
                  ("iteration", "kind", "reward_queries", "wall_seconds")}} for i, r in enumerate(evals)]
-        _write_rows(self.out_dir, rows)
+        write_rows(self.out_dir, rows)
         return rows
 
     @classmethod
     def resume(cls, out_dir: str) -> "DirectRun":
-        run = cls(*_saved_run(out_dir), out_dir)
+        run = cls(*saved_run(out_dir), out_dir)
         if list_checkpoints(os.path.join(out_dir, "inner")):
             _, state, _ = load_latest_checkpoint(os.path.join(out_dir, "inner"))
             run.trainer.load_state(state)
@@ -122,7 +105,7 @@ class BestOfNRun:
     """
 
     def __init__(self, task_name: str, run_config: RunConfig, bb: BlackboxConfig, out_dir: str, n: int = 8):
-        from ..trainer import Trainer
+        from ..training.trainer import Trainer
 
         bb.validate()
         if n < 2:
@@ -147,7 +130,7 @@ class BestOfNRun:
     def run(self) -> list[dict]:
         from ..methods.best_of_n import best_of_n_kl, pick_best
 
-        _write_saved(self.out_dir, self.task_name, self.method_name, self.bb, best_of=self.n)
+        write_saved(self.out_dir, self.task_name, self.method_name, self.bb, best_of=self.n)
         os.makedirs(self.trainer.out_dir, exist_ok=True)
         self.trainer._write_config()  # the base model's settings, read back by resume
         device, n = self.trainer.device, self.n
@@ -165,7 +148,7 @@ class BestOfNRun:
             start = stop
             rows.append({"round": r, "queries": stop * n, **self._evaluate(
                 torch.cat(samples), torch.cat(labels), group_cond, stop, best_of_n_kl(n), pick_best)})
-        _write_rows(self.out_dir, rows)
+        write_rows(self.out_dir, rows)
         plot_rounds(rows, self.out_dir, f"best-of-{n} on {self.task_name}: oracle labels, budget {self.bb.budget}")
         return rows
 
@@ -186,8 +169,8 @@ class BestOfNRun:
     @classmethod
     def resume(cls, out_dir: str) -> "BestOfNRun":
         """Run again from the start: every draw repeats, and the oracle answers the paid-for ones from its log."""
-        from ..trainer import read_run_config
+        from ..training.run_setup import read_run_config
 
-        saved = _read_saved(out_dir)
+        saved = read_saved(out_dir)
         _, _, run_config = read_run_config(os.path.join(out_dir, "inner"))
         return cls(saved["task_name"], run_config, BlackboxConfig(**saved["blackbox"]), out_dir, saved["best_of"])

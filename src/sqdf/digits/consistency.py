@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..schedule import NoiseSchedule, ScheduleConfig
+from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
 
 
 class ConsistencyModel(nn.Module):

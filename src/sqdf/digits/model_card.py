@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..policy import DiffusionPolicy
-from ..schedule import NoiseSchedule, ScheduleConfig
+from ..diffusion.policy import DiffusionPolicy
+from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
 from .consistency import ddim_ode_step
 from .data import load_digits_split
 from .metrics import frechet_distance, mean_pairwise_distance

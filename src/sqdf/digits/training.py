@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..schedule import NoiseSchedule, ScheduleConfig
+from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
 from .consistency import ConsistencyModel, ddim_ode_step
 from .data import DigitsSplit
 from .unet import NULL_CLASS, ClassifierFreeGuidance

@@ -19,8 +19,8 @@ from typing import Callable, ClassVar
 import torch
 
 from ..config import option
+from ..diffusion.policy import DiffusionPolicy, Trajectory
 from ..errors import ConfigError
-from ..policy import DiffusionPolicy, Trajectory
 
 
 @dataclass

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from ..config import option
+from ..diffusion.schedule import gaussian_log_prob
 from ..errors import ConfigError
 from ..models.value import ValueMLP
-from ..schedule import gaussian_log_prob
 from .base import IterationContext, MethodConfig, ValueHeadMethod
 from .ddpo import ppo_clip_loss
 

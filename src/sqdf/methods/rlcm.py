@@ -64,8 +64,8 @@ class RLCM(DDPO):
     def build_policy(cls, task, config, out_dir, device):
         """Consistency-sampler policy: a trainable copy of the task's consistency model (``task.build_policy_model``)
         and the frozen model itself as the reference, on ``ConsistencySchedule`` (prediction type 'sample')."""
-        from ..consistency_schedule import ConsistencySchedule
-        from ..policy import DiffusionPolicy
+        from ..diffusion.consistency_schedule import ConsistencySchedule
+        from ..diffusion.policy import DiffusionPolicy
 
         cfg: RLCMConfig = config.method
         cfg.validate()

@@ -1,6 +1,6 @@
 """Score as Action: continuous-time policy gradient with the score of the reverse SDE as the action.
 
-The problem (docs/score_as_action.md has the full derivation). The reverse VP SDE of ``sqdf.sde``,
+The problem (docs/score_as_action.md has the full derivation). The reverse VP SDE of ``sqdf.diffusion.sde``,
 dx = [1/2 beta x + beta a] ds + sqrt(beta) dW (s = -t, t from N-1 down to 0), is a controlled process whose
 action is the score a_theta(t, x) = -eps_theta / sqrt(1 - abar_t). The objective is
 
@@ -54,12 +54,18 @@ from dataclasses import dataclass
 import torch
 
 from ..config import option
+from ..diffusion.schedule import spaced_timesteps
+from ..diffusion.sde import (
+    SOLVERS,
+    check_vp,
+    em_log_ratio,
+    random_timesteps,
+    sample_sde,
+    terminal_tweedie,
+    vp_increments,
+)
 from ..errors import ConfigError
 from ..models.value import ValueMLP
-from ..schedule import spaced_timesteps
-from ..sde import (
-    SOLVERS, check_vp, em_log_ratio, random_timesteps, sample_sde, terminal_tweedie, vp_increments,
-)
 from .base import Generated, IterationContext, MethodConfig, ValueHeadMethod
 from .common import repeat_cond
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..buffer import SAMPLING_MODES, ReplayBuffer
 from ..config import option
+from ..diffusion.estimators import ESTIMATORS, make_estimator
 from ..errors import ConfigError
-from ..estimators import ESTIMATORS, make_estimator
 from .base import IterationContext, Method, MethodConfig
+from .replay_buffer import SAMPLING_MODES, ReplayBuffer
 
 KL_FORMS = ("exact", "official")
 

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from ..mixture import GaussianMixture
+from ..diffusion.mixture import GaussianMixture
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, num_train_steps: int) -> torch.Tensor:

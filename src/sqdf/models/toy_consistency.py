@@ -27,8 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..diffusion.mixture import GaussianMixture
 from ..errors import ConfigError
-from ..mixture import GaussianMixture
 from .denoisers import MixtureScoreDenoiser, timestep_embedding
 
 VERSION = "toy-consistency-v1"

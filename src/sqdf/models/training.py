@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..schedule import NoiseSchedule
+from ..diffusion.schedule import NoiseSchedule
 
 
 def train_denoiser(

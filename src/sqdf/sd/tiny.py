@@ -97,8 +97,13 @@ def tiny_sd3_transformer():
 def write_tiny_pipeline(kind: str, path: str, seed: int = 0) -> str:
     """Save a tiny random pipeline of ``kind`` ('sd15', 'sdxl' or 'sd3') in diffusers' folder layout at ``path``
     (model_index.json + one folder per component); returns ``path``. Same seed, same weights."""
-    from diffusers import (DDPMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
-                           StableDiffusionPipeline, StableDiffusionXLPipeline)
+    from diffusers import (
+        DDPMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if kind not in KINDS:
@@ -187,7 +192,7 @@ def write_tiny_lcm_lora(path: str, seed: int = 0, rank: int = 4) -> str:
     """A random LCM-LoRA for the tiny sd15 UNet in the diffusers LoRA file format; returns ``path``."""
     from diffusers import StableDiffusionPipeline
 
-    from .adapters import diffusers_lora_layers, add_policy_lora
+    from .adapters import add_policy_lora, diffusers_lora_layers
 
     torch.manual_seed(seed)
     unet = tiny_unet()

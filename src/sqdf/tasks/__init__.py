@@ -1,8 +1,18 @@
 """Tasks: a base model, a reward, conditions and what is known of the optimum."""
 
 from .base import KnownOptimum, Task, TaskConfig
-from .builtin import (BENCH_PRESETS, PRESETS, SD_TASKS, TASK_DEFAULTS, TASKS, tiny_overrides, bench_presets,
-                      default_task_config, presets, task_config_class)
+from .builtin import (
+                      BENCH_PRESETS,
+                      PRESETS,
+                      SD_TASKS,
+                      TASK_DEFAULTS,
+                      TASKS,
+                      bench_presets,
+                      default_task_config,
+                      presets,
+                      task_config_class,
+                      tiny_overrides,
+)
 from .digits_task import DigitsTask
 from .mixture_task import ExactTarget, MixtureTask
 

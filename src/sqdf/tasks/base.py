@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..schedule import NoiseSchedule
+from ..diffusion.schedule import NoiseSchedule
 
 RewardFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -124,7 +124,7 @@ class Task(ABC):
         """The trainable denoiser, equal to the reference at initialization."""
 
     def make_schedule(self) -> NoiseSchedule:
-        from ..schedule import ScheduleConfig
+        from ..diffusion.schedule import ScheduleConfig
 
         cfg = ScheduleConfig(kind=self.config.schedule, num_train_steps=self.config.num_train_steps)
         return NoiseSchedule(cfg, self.config.num_inference_steps, self.config.eta,
@@ -157,9 +157,9 @@ class Task(ABC):
         return self
 
     def proxy_features(self):
-        """The feature map (``sqdf.blackbox.proxy.FeatureMap``) that `sqdf blackbox` fits its proxy reward on:
+        """The feature map (``sqdf.models.features.FeatureMap``) that `sqdf blackbox` fits its proxy reward on:
         the raw sample vector by default; tasks with a frozen image encoder override it."""
-        from ..blackbox.proxy import RawFeatures
+        from ..models.features import RawFeatures
 
         return RawFeatures()
 

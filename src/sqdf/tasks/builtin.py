@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..mixture import GaussianMixture, QuadraticReward
+from ..diffusion.mixture import GaussianMixture, QuadraticReward
 from .base import TaskConfig
 from .digits_task import digits
 from .mixture_task import ExactTarget, MixtureTask
@@ -74,7 +74,7 @@ def _diffusers(kind: str, reward: str, description: str):
     """Import the diffusers backend only when a diffusers task is built."""
 
     def build(config: TaskConfig):
-        from ..sd.task import diffusers_task
+        from .sd_task import diffusers_task
 
         return diffusers_task(kind, reward, description)(config)
 
@@ -113,7 +113,7 @@ TASK_DEFAULTS: dict[str, dict] = {
 def task_config_class(task: str) -> type:
     """The config dataclass of a task's ``task:`` section (diffusers tasks add model, reward and LoRA options)."""
     if task in SD_TASKS:
-        from ..sd.task import DiffusersTaskConfig
+        from .sd_task import DiffusersTaskConfig
 
         return DiffusersTaskConfig
     return TaskConfig

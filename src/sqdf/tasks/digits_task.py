@@ -16,8 +16,8 @@ import math
 import torch
 from torch import nn
 
+from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ..errors import ConfigError
-from ..schedule import NoiseSchedule, ScheduleConfig
 from .base import KnownOptimum, Task, TaskConfig
 
 REWARDS = ("classifier", "ink", "png", "jpeg")
@@ -129,7 +129,7 @@ class DigitsTask(Task):
 
     def proxy_features(self):
         """The shipped classifier's penultimate features (frozen, differentiable in x), [B, 32]."""
-        from ..blackbox.proxy import ModuleFeatures
+        from ..models.features import ModuleFeatures
 
         classifier = self.classifier
         dim = int(classifier.features(torch.zeros(1, *self.sample_shape)).shape[1])
@@ -163,7 +163,7 @@ class DigitsTask(Task):
     def _base_samples(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(samples, cond, rewards) of optimum_samples draws of the reference sampler (fixed seed, cached)."""
         if self._optimum is None:
-            from ..policy import DiffusionPolicy
+            from ..diffusion.policy import DiffusionPolicy
 
             if self._reference is None:
                 self.build_reference(self.make_schedule())

@@ -18,11 +18,18 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..diffusion.mixture import GaussianMixture, QuadraticReward, TiltedMixture, tilt_mixture
+from ..diffusion.schedule import NoiseSchedule
 from ..errors import ConfigError
-from ..metrics import energy_distance, log_mean_exp, mode_weights, objective_terms, sample_kl, total_variation
-from ..mixture import GaussianMixture, QuadraticReward, TiltedMixture, tilt_mixture
+from ..evaluation.metrics import (
+    energy_distance,
+    log_mean_exp,
+    mode_weights,
+    objective_terms,
+    sample_kl,
+    total_variation,
+)
 from ..models.denoisers import MixtureScoreDenoiser, MLPDenoiser, ResidualDenoiser
-from ..schedule import NoiseSchedule
 from .base import KnownOptimum, Task, TaskConfig
 
 NUMERIC_SAMPLES = 1 << 20
@@ -265,8 +272,8 @@ class MixtureTask(Task):
     def sampling_floor(self, num_inference_steps: int | None = None, n: int = 4096, seed: int = 0) -> dict[str, float]:
         """Score the exact target's analytic score run through the same sampler (policy = p*'s score, reference =
         the exact base score): the regret the discretization alone imposes. Needs a mixture target."""
-        from ..policy import DiffusionPolicy
-        from ..schedule import ScheduleConfig
+        from ..diffusion.policy import DiffusionPolicy
+        from ..diffusion.schedule import ScheduleConfig
 
         target = self.target_mixture
         if target is None:
@@ -289,6 +296,6 @@ class MixtureTask(Task):
         return terms
 
     def plot(self, samples: torch.Tensor, path: str, title: str = "", cond=None) -> None:
-        from ..plotting import plot_samples_2d
+        from ..evaluation.plots import plot_samples_2d
 
         plot_samples_2d(samples, self, path, title)

@@ -1,0 +1,103 @@
+"""Estimators of the clean sample x_0 from an intermediate state, behind one interface.
+
+``estimator(policy, x, k, cond) -> x0_hat`` for a state x [B, *shape] at grid index k (int or [B], 0 .. T).
+Gradients flow from x0_hat back into x (the networks' parameters stay frozen). At k == T the state is the
+final sample, so every estimator returns x unchanged there.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..errors import ConfigError
+from .policy import DiffusionPolicy
+from .schedule import prediction_to_eps_and_x0
+
+
+class X0Estimator(ABC):
+    name = "estimator"
+
+    def __call__(self, policy: DiffusionPolicy, x: torch.Tensor, k, cond: torch.Tensor | None = None) -> torch.Tensor:
+        kk = policy._levels(x, k)
+        final = (kk == policy.num_steps).view(-1, *([1] * (x.ndim - 1)))
+        if bool(final.all()):
+            return x
+        est = self.estimate(policy, x, kk.clamp(max=policy.num_steps), cond)
+        return torch.where(final, x, est)
+
+    @abstractmethod
+    def estimate(self, policy: DiffusionPolicy, x: torch.Tensor, k: torch.Tensor, cond) -> torch.Tensor:
+        """x0_hat for states at grid indices k [B]."""
+
+
+class TweedieEstimator(X0Estimator):
+    """Tweedie's formula with the frozen reference: x0_hat = (x - sqrt(1 - abar) eps_ref(x)) / sqrt(abar)."""
+
+    name = "tweedie"
+
+    def estimate(self, policy, x, k, cond):
+        _, x0 = policy.predict(x, k, cond, which="reference")
+        return x0
+
+
+class ProbabilityFlowEstimator(X0Estimator):
+    """x0 by solving the reference's probability-flow ODE from the state down to t = 0 with deterministic DDIM
+    (eta = 0) steps: the exact consistency function of the reference, in the limit of many steps.
+
+    Each state at training timestep t_k runs ``num_steps`` DDIM steps on the grid t_k (1 - j / n), j = 0 .. n,
+    rounded to integers. Differentiable in x (backpropagates through every step), so it costs ``num_steps``
+    reference calls per state and their backward passes; meant for small models and as the training-free stand-in
+    for a distilled consistency model.
+    """
+
+    name = "ode"
+
+    def __init__(self, num_steps: int = 10):
+        if num_steps < 1:
+            raise ConfigError(f"ode estimator num_steps={num_steps} must be >= 1")
+        self.num_steps = num_steps
+
+    def estimate(self, policy, x, k, cond):
+        schedule = policy.schedule
+        t_start = policy._timesteps.to(x.device)[k]  # [B]
+        view = (-1, *([1] * (x.ndim - 1)))
+        for j in range(self.num_steps):
+            t_now = schedule.subgrid(t_start, j / self.num_steps).to(policy._timesteps.dtype)
+            t_next = schedule.subgrid(t_start, (j + 1) / self.num_steps).to(policy._timesteps.dtype)
+            with policy._reference_mode() as ref:
+                pred = ref(x, t_now, cond)
+            s_now, n_now = (c.to(x.dtype).view(view) for c in schedule.coefficients_at(t_now))
+            s_next, n_next = (c.to(x.dtype).view(view) for c in schedule.coefficients_at(t_next))
+            eps, x0 = prediction_to_eps_and_x0(pred, x, s_now, n_now, policy.prediction_type)
+            x = s_next * x0 + n_next * eps
+        return x
+
+
+class ConsistencyEstimator(X0Estimator):
+    """x0_hat = f(x, t_k, cond): one call of the frozen consistency model attached to the policy
+    (``policy.attach_consistency_model``; the Trainer attaches the task's). Differentiable in x.
+
+    The model must share the policy's training-timestep axis and have been distilled from the reference sampler
+    (same guidance scale), so that f approximates the end of the reference's probability-flow ODE from x.
+    """
+
+    name = "consistency"
+
+    def estimate(self, policy, x, k, cond):
+        model = policy.consistency_model
+        if model is None:
+            raise ConfigError("estimator 'consistency' needs a consistency model: this task ships none; use "
+                              "method.estimator=tweedie, or attach one with policy.attach_consistency_model(model)")
+        t = policy._timesteps.to(x.device)[k]
+        return model(x, t, cond).to(x.dtype)
+
+
+ESTIMATORS = {"tweedie": TweedieEstimator, "ode": ProbabilityFlowEstimator, "consistency": ConsistencyEstimator}
+
+
+def make_estimator(name: str, **kwargs) -> X0Estimator:
+    if name not in ESTIMATORS:
+        raise ConfigError(f"estimator={name!r} is not one of {sorted(ESTIMATORS)}")
+    return ESTIMATORS[name](**kwargs)

@@ -91,13 +91,14 @@ def test_tasks_lists_every_task_with_its_optimum(capsys):
 
 
 def test_help_config_lists_keys_and_does_not_train(capsys, tmp_path):
-    code, out, _ = _cli(capsys, "train", "gmm1", "--help-config", "--out", str(tmp_path / "never"))
+    code, out, _ = _cli(capsys, "train", "gmm1", "--method", "sqdf-paper", "--help-config", "--out",
+                        str(tmp_path / "never"))
     assert code == 0
-    from sqdf.methods import SQDFConfig
+    from sqdf.methods import SQDFPaperConfig
     from sqdf.tasks import PRESETS
 
-    preset = PRESETS["gmm1"]["sqdf"]["method"]["gamma"]
-    assert preset != SQDFConfig().gamma
+    preset = PRESETS["gmm1"]["sqdf-paper"]["method"]["gamma"]
+    assert preset != SQDFPaperConfig().gamma
     assert f"method.gamma = {preset}" in out  # the gmm1 preset applied to the default
     assert "trainer.steps = 300" in out and "task.eta = 1.0" in out
     assert not (tmp_path / "never").exists()
@@ -192,7 +193,10 @@ BROKEN = {
 @pytest.mark.parametrize("reward,needles", list(BROKEN.values()), ids=list(BROKEN))
 def test_broken_reward_exits_2_with_one_line(capsys, monkeypatch, tmp_path, reward, needles):
     monkeypatch.setitem(sqdf.tasks.TASKS, "broken", _task_with_reward(reward))
-    code, _, err = _cli(capsys, "train", "broken", "--steps", "3", "--out", str(tmp_path / "o"), *SMALL)
+    # the default SQDF reads rollout rewards only; the paper's differentiates the reward at x0 estimates
+    method = "sqdf-paper" if reward is _nan_in_training else "sqdf"
+    code, _, err = _cli(capsys, "train", "broken", "--method", method, "--steps", "3", "--out", str(tmp_path / "o"),
+                        *SMALL)
     assert code == 2
     line = _one_error_line(err)
     for needle in needles:

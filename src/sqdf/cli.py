@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
                    "at one count with --set task.num_inference_steps=T)")
     b.add_argument("--discretization-samples", type=int, metavar="N",
                    help="--discretization: samples per sampler setting (default 4096)")
+    b.add_argument("--alphas", metavar="A1,A2,...", help="run every task at each of these KL weights (task labels "
+                   "TASK@ALPHA, e.g. --alphas 0.1,0.3,1,3; a single variant is also a task name: gmm1@0.3); tasks "
+                   "whose optimum is known for one alpha only (mix25to9, digits) refuse")
     b.add_argument("--blackbox", type=int, metavar="BUDGET", help="compare in the black-box setting at this oracle "
                    "budget per run; --methods then takes entries METHOD (proxy loop), METHOD:direct (trained on the "
                    "oracle) and best_of_n:N (default: sqdf,ddpo:direct,prdp:direct,best_of_n:8; tasks default gmm1)")
@@ -278,6 +281,8 @@ def _bench(args) -> int:
 
     if args.blackbox is not None and (args.discretization or args.discretization_samples):
         raise SqdfError("--discretization evaluates the runs of an ordinary bench; drop it or --blackbox")
+    if args.blackbox is not None and args.alphas:
+        raise SqdfError("--alphas applies to the ordinary bench; drop it or --blackbox")
     try:
         if args.blackbox is not None:
             from .bench.blackbox import run_blackbox_bench
@@ -291,7 +296,7 @@ def _bench(args) -> int:
             result = run_bench(args.tasks, [args.methods] if args.methods else None, args.queries, args.seeds,
                                args.out, args.jobs, args.eval_samples or bench.DEFAULT_EVAL_SAMPLES, args.overrides,
                                discretization=args.discretization,
-                               discretization_samples=args.discretization_samples)
+                               discretization_samples=args.discretization_samples, alphas=args.alphas)
     except KeyboardInterrupt:
         print("sqdf: interrupted; finished runs are kept: run the same command again to finish the bench",
               file=sys.stderr)

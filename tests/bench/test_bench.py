@@ -74,7 +74,7 @@ def test_task_table_means_bold_and_missing_values():
     text = tables.task_table("t", tables.group_rows(rows)["t"])
     assert text.splitlines()[0] == "### t (J* = 1.5000, exact-score floor regret 0.0100)"
     headers = [c.strip() for c in text.splitlines()[2].strip("|").split("|")]
-    shown = [c for c in tables.COLUMNS if c.key not in ("target_accuracy", "frechet", "diversity")]
+    shown = [c for c in tables.COLUMNS if c.key not in ("target_accuracy", "frechet", "diversity", "spread_ratio")]
     assert headers == ["method"] + [c.header for c in shown]  # columns no run reports are left out
     a, b = _cells(text, "a"), _cells(text, "b")
     col = {c.key: j for j, c in enumerate(shown)}
@@ -127,12 +127,13 @@ def test_override_applies_to_methods_that_have_the_key(monkeypatch):
 
 
 def test_bench_config_sets_the_budget():
-    config = runs.bench_config("sqdf", "gmm1", 3, 1000, 256, ["trainer.device=auto"])
+    config = runs.bench_config("sqdf-paper", "gmm1", 3, 1000, 256, ["trainer.device=auto"])
     t = config.trainer
     assert (t.seed, t.max_queries, t.steps, t.eval_every, t.eval_every_queries, t.eval_samples) == \
         (3, 1000, runs.STEP_CAP, 0, 250, 256)
     assert (t.tensorboard, t.progress, t.device) == (False, False, "auto")
-    assert config.method.gamma == sqdf.tasks.PRESETS["gmm1"]["sqdf"]["method"]["gamma"]  # presets applied
+    assert config.method.gamma == sqdf.tasks.PRESETS["gmm1"]["sqdf-paper"]["method"]["gamma"]  # presets applied
+    assert config.method.lr == sqdf.tasks.BENCH_PRESETS["gmm1"]["sqdf-paper"]["method"]["lr"]  # bench presets too
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------
@@ -246,3 +247,24 @@ def test_overview_table_means_and_bold():
     assert lines[2] == "| method | a | b |"
     assert lines[4] == "| m1 | 1.500 (0.600) | 0.400 (0.100) |"
     assert lines[5] == "| m2 | — (0.200) | **0.300 (0.100)** |"
+
+
+def test_alpha_variants_are_tasks_of_their_own(tmp_path):
+    assert runs.task_variant("gmm1") == ("gmm1", None) and runs.task_variant("gmm1@0.3") == ("gmm1", 0.3)
+    assert runs.with_alphas(["gmm1", "gaussian"], "0.1,3") == ["gmm1@0.1", "gmm1@3", "gaussian@0.1", "gaussian@3"]
+    with pytest.raises(ConfigError, match="'gmm1@0': .*positive number"):
+        runs.task_variant("gmm1@0")
+    out = tmp_path / "b"
+    assert main(["bench", "gaussian", "--alphas", "0.5,2", "--methods", "sqdf-paper", "--out", str(out), *TINY]) == 0
+    rows = {r["task"]: r for r in json.loads((out / "results.json").read_text())}
+    assert set(rows) == {"gaussian@0.5", "gaussian@2"}
+    # the optimum of the linear reward w.x on N(0, I) is |w|^2 / (2 alpha): 1.25 / (2 alpha)
+    assert rows["gaussian@0.5"]["optimum"] == pytest.approx(1.25) and rows["gaussian@2"]["optimum"] == pytest.approx(0.3125)
+    assert rows["gaussian@2"]["alpha"] == 2.0 and "spread_ratio" in rows["gaussian@2"]
+    table = (out / "table.md").read_text()
+    assert "### gaussian@0.5" in table and "### gaussian@2" in table
+
+
+def test_alpha_variant_of_a_task_with_one_known_alpha_exits_2(tmp_path, capsys):
+    assert main(["bench", "mix25to9@0.3", "--methods", "sqdf", "--out", str(tmp_path / "b"), *TINY]) == 2
+    assert "task.alpha=0.3" in capsys.readouterr().err

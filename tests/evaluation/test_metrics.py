@@ -9,7 +9,7 @@ import torch
 
 from sqdf.evaluation.metrics import (
     energy_distance, knn_entropy, log_mean_exp, mean_and_stderr, mode_weights, objective_terms, sample_kl,
-    total_variation,
+    spread_ratio, total_variation,
 )
 
 
@@ -64,3 +64,9 @@ def test_objective_terms_mode_weights_and_total_variation_by_hand():
     assert total_variation(w, torch.tensor([0.25, 0.25, 0.25, 0.25])) == pytest.approx(0.25)
     mean, se = mean_and_stderr(torch.tensor([2.0]))
     assert mean == 2.0 and math.isnan(se)
+
+
+def test_spread_ratio_is_the_ratio_of_standard_deviations():
+    x, y = _normal(4000, 3, 6, std=1.5), _normal(4000, 3, 7)
+    assert spread_ratio(x, y) == pytest.approx(1.5, rel=0.03)
+    assert spread_ratio(y, y) == 1.0

@@ -59,7 +59,7 @@ def _pairs(seed=0, b=4):
 
 
 def _method(**kw):
-    cfg = SQDFConfig(batch_size=4, buffer_size=8, **kw)
+    cfg = SQDFConfig(**{"batch_size": 4, "buffer_size": 8, "value": "paper", **kw})
     return SQDF(cfg, _policy(), alpha=0.7)
 
 

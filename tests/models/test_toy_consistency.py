@@ -113,7 +113,8 @@ def test_sqdf_with_the_consistency_estimator_runs_on_a_toy_task(gmm1_file, tmp_p
     config.update({"trainer": {"steps": 2, "eval_samples": 64, "eval_every": 0, "progress": False, "plots": False,
                                "tensorboard": False, "floor": False, "device": "cpu"},
                    "task": {"num_inference_steps": 10, "consistency_path": str(gmm1_file)},
-                   "method": {"estimator": "consistency", "batch_size": 8, "train_batch_size": 8}})
+                   "method": {"estimator": "consistency", "batch_size": 8, "train_batch_size": 8,
+                              "critic_warmup": 0, "critic_batch_size": 16}})
     trainer = Trainer("gmm1", "sqdf", config, str(tmp_path / "run"))
     assert isinstance(trainer.policy.consistency_model, tc.ToyConsistencyModel)
     start = [p.detach().clone() for p in trainer.policy.trainable_parameters()]

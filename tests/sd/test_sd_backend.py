@@ -11,7 +11,7 @@ import torch
 
 from sqdf.errors import ConfigError, MissingWeightsError
 
-TRAINED = ["sqdf", "ddpo", "dpok", "draft", "alignprop", "refl", "prdp"]
+TRAINED = ["sqdf", "sqdf-paper", "ddpo", "dpok", "draft", "alignprop", "refl", "prdp"]
 
 
 def _perturb_lora(net, scale=0.05, seed=0):

@@ -41,10 +41,13 @@ def test_bad_options_name_the_value():
         small_task(target_digit=None)
     with pytest.raises(ConfigError, match="schedule"):
         small_task(schedule="linear")
-    cfg = default_config("sqdf", "digits")
+    cfg = default_config("sqdf-paper", "digits")
     cfg.update({"task": {**SMALL, "reward": "png"}})
     with pytest.raises(ConfigError, match="black-box"):
-        Trainer("digits", "sqdf", cfg, "/tmp/unused")
+        Trainer("digits", "sqdf-paper", cfg, "/tmp/unused")
+    cfg = default_config("sqdf", "digits")  # a learned soft value needs no reward gradient
+    cfg.update({"task": {**SMALL, "reward": "png"}})
+    Trainer("digits", "sqdf", cfg, "/tmp/unused")
 
 
 def test_known_optimum_is_bounded_by_jensen_and_the_best_reward(one_thread):
@@ -63,9 +66,9 @@ def test_known_optimum_is_bounded_by_jensen_and_the_best_reward(one_thread):
 
 def test_consistency_estimator_uses_the_attached_model(one_thread):
     task = small_task()
-    cfg = default_config("sqdf", "digits")
+    cfg = default_config("sqdf-paper", "digits")
     cfg.update({"task": SMALL, "trainer": {"eval_samples": 16, "plots": False}})
-    trainer = Trainer("digits", "sqdf", cfg, "/tmp/unused")
+    trainer = Trainer("digits", "sqdf-paper", cfg, "/tmp/unused")
     policy = trainer.policy
     x = torch.randn(3, 1, 8, 8)
     est = make_estimator("consistency")
@@ -86,7 +89,8 @@ def test_sqdf_trains_on_digits_and_the_weights_reload(tmp_path, one_thread, esti
     from sqdf.digits.store import load_model
 
     cfg = default_config("sqdf", "digits")
-    cfg.update({"task": SMALL, "method": {"batch_size": 8, "estimator": estimator},
+    cfg.update({"task": SMALL, "method": {"batch_size": 8, "estimator": estimator, "critic_warmup": 0,
+                                          "train_batch_size": 8, "critic_batch_size": 16},
                 "trainer": {"steps": 3, "eval_every": 0, "eval_samples": 32, "checkpoint_every": 1,
                             "tensorboard": False, "progress": False}})
     out = str(tmp_path / "run")

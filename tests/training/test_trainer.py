@@ -98,9 +98,9 @@ def test_summary_keys_and_values(short_run):
 
 
 def test_reward_queries_count_every_reward_evaluation(short_run):
-    # SQDF scores batch_size rollouts, then replay_ratio gradient steps on train_batch_size x0 estimates each;
-    # evaluations (and the exact-score floor) are free
-    per_iteration = BATCH + TRAIN_BATCH * REPLAY
+    # the default SQDF (a learned soft value) scores its batch_size rollouts and nothing else; evaluations (and the
+    # exact-score floor) are free. sqdf-paper's pair rewards are counted in test_reward_queries_match_...
+    per_iteration = BATCH
     assert _summary(short_run)["reward_queries"] == STEPS * per_iteration
     rows = _rows(short_run)
     train = [r for r in rows if r["kind"] == "train"]
@@ -111,7 +111,8 @@ def test_reward_queries_count_every_reward_evaluation(short_run):
                                                                       (6, 6 * per_iteration)]
 
 
-def test_reward_queries_match_an_independent_count(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, per_iteration", [("sqdf-paper", 8 + 4 * 3), ("sqdf", 8)])
+def test_reward_queries_match_an_independent_count(tmp_path, monkeypatch, method, per_iteration):
     """Count the samples the task's reward actually sees during training, not what the trainer says it spent."""
     import sqdf.tasks
     from sqdf.tasks.builtin import gaussian
@@ -144,12 +145,12 @@ def test_reward_queries_match_an_independent_count(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod.Trainer, "evaluate", evaluate)
     monkeypatch.setitem(sqdf.tasks.TASKS, "counted", counting_factory)
     out = tmp_path / "run"
-    code = main(["train", "counted", "--steps", "3", "--out", str(out), *QUIET,
+    code = main(["train", "counted", "--method", method, "--steps", "3", "--out", str(out), *QUIET,
                  "--set", "trainer.eval_samples=64", "--set", "task.num_inference_steps=10",
                  "--set", "method.batch_size=8", "--set", "method.train_batch_size=4", "--set", "method.replay_ratio=3",
                  "--set", "trainer.floor=false", "--set", "trainer.plots=false", "--set", "trainer.tensorboard=false"])
     assert code == 0
-    assert seen["training"] == 3 * (8 + 4 * 3)
+    assert seen["training"] == 3 * per_iteration
     assert _summary(out)["reward_queries"] == seen["training"]
 
 
@@ -278,7 +279,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
 def test_query_budget_stops_the_run_and_paces_evaluations(tmp_path):
     out = tmp_path / "budget"
-    code = main(["train", "gaussian", "--steps", "1000", "--out", str(out), *QUIET,
+    code = main(["train", "gaussian", "--method", "sqdf-paper", "--steps", "1000", "--out", str(out), *QUIET,
                  "--set", "trainer.eval_samples=128", "--set", "task.num_inference_steps=10",
                  "--set", "method.batch_size=16", "--set", "method.train_batch_size=16",
                  "--set", "trainer.max_queries=100", "--set", "trainer.eval_every=0",
@@ -329,3 +330,26 @@ def test_resume_mid_accumulation_equals_uninterrupted(tmp_path):
     assert main(["resume", str(tmp_path / "b"), "--steps", "3"]) == 0
     train = lambda d: [r for r in _rows(d) if r["kind"] == "train"]  # noqa: E731
     assert len(train(tmp_path / "a")) == 3 and train(tmp_path / "a") == train(tmp_path / "b")
+
+
+def test_cosine_lr_schedule_reaches_its_final_fraction_at_the_last_step(tmp_path):
+    from sqdf.training.run_setup import default_config
+    from sqdf.training.trainer import Trainer
+
+    cfg = default_config("alignprop", "gaussian")
+    cfg.update({"trainer": {"steps": 5, "device": "cpu", "progress": False, "tensorboard": False, "plots": False,
+                            "eval_every": 0, "eval_samples": 16, "floor": False},
+                "method": {"lr": 1e-3, "lr_schedule": "cosine", "lr_final_fraction": 0.25, "batch_size": 4},
+                "task": {"num_inference_steps": 5}})
+    trainer = Trainer("gaussian", "alignprop", cfg, str(tmp_path / "run"))
+    seen = []
+    step = trainer.optimizer.step
+
+    def spy(*args, **kwargs):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = spy
+    trainer.train()
+    assert seen[0] == pytest.approx(1e-3) and seen[-1] == pytest.approx(2.5e-4)
+    assert seen == sorted(seen, reverse=True)

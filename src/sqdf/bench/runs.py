@@ -65,6 +65,29 @@ class RunSpec:
         return f"{self.task}/{self.method}/seed{self.seed}"
 
 
+def task_variant(label: str) -> tuple[str, float | None]:
+    """A bench task label ``TASK`` or ``TASK@ALPHA`` (the task at another KL weight) as (task name, alpha or None)."""
+    name, sep, alpha = label.partition("@")
+    if not sep:
+        return label, None
+    try:
+        value = float(alpha)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise ConfigError(f"bench task {label!r}: the KL weight after '@' must be a positive number, e.g. {name}@0.3")
+    return name, value
+
+
+def with_alphas(tasks, alphas) -> list[str]:
+    """Every task at every KL weight of ``alphas`` ('0.1,0.3,1,3' or a list) as TASK@ALPHA labels."""
+    values = split_names([alphas]) if isinstance(alphas, str) else [str(a) for a in alphas]
+    if not values:
+        raise ConfigError("--alphas needs KL weights, e.g. --alphas 0.1,0.3,1,3")
+    weights = [task_variant(f"--alphas@{a}")[1] for a in values]
+    return [f"{task}@{a:g}" for task in tasks for a in weights]
+
+
 def has_key(config, key: str) -> bool:
     """Whether a RunConfig has the key (``section.field``, or a bare field name of any section)."""
     keys = config.all_keys()
@@ -113,18 +136,21 @@ def plan_runs(tasks, methods, seeds: int, queries: int, eval_samples: int, overr
     from ..training.run_setup import make_task, method_class
 
     for task in tasks:
-        make_task(task)
+        make_task(task_variant(task)[0])
     for method in methods:
         method_class(method)
     specs = []
     for task in tasks:
+        name, alpha = task_variant(task)
         for method in methods:
             for seed in range(seeds):
-                config = bench_config(method, task, seed, queries, eval_samples, overrides)
+                config = bench_config(method, name, seed, queries, eval_samples, overrides)
+                if alpha is not None:
+                    config.set("task.alpha", alpha, raw=False)
                 if seed == 0:
                     config.trainer.validate()
                     config.method.validate()
-                    make_task(task, config.task)
+                    make_task(name, config.task)
                 specs.append(RunSpec(task, method, seed, os.path.join(out, "runs", task, method, f"seed{seed}"),
                                      config.to_dict()))
     return specs
@@ -155,8 +181,8 @@ def run_one(spec: RunSpec) -> dict:
             shutil.rmtree(spec.run_dir)
         config = default_config(spec.method)
         config.update(spec.config)
-        Trainer(spec.task, spec.method, config, spec.run_dir).train()
-        return load_row(spec.run_dir)
+        Trainer(task_variant(spec.task)[0], spec.method, config, spec.run_dir).train()
+        return {**load_row(spec.run_dir), "task": spec.task}
     except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the bench goes on
         os.makedirs(spec.run_dir, exist_ok=True)
         with open(os.path.join(spec.run_dir, "error.txt"), "w") as fh:
@@ -190,11 +216,13 @@ def command_text(tasks, methods, queries, seeds, out, jobs, eval_samples, overri
 
 def run_bench(tasks=None, methods=None, queries: int = DEFAULT_QUERIES, seeds: int = DEFAULT_SEEDS,
               out: str | None = None, jobs: int = DEFAULT_JOBS, eval_samples: int = DEFAULT_EVAL_SAMPLES,
-              overrides=(), log=print, discretization=None, discretization_samples: int | None = None) -> BenchResult:
+              overrides=(), log=print, discretization=None, discretization_samples: int | None = None,
+              alphas=None) -> BenchResult:
     """Run (or reuse) every method on every task for seeds 0..seeds-1 and write results.json, table.md and the
     plots into out. Bad names or values raise ConfigError before anything runs; failed runs become error rows.
     discretization: sampler step counts ('10,20,50,100'): then every finished run is also evaluated under every
-    sampler at each count (discretization_study; discretization_samples samples per setting, default 4096)."""
+    sampler at each count (discretization_study; discretization_samples samples per setting, default 4096).
+    alphas: KL weights ('0.1,0.3,1,3'): every task runs at each (task labels TASK@ALPHA)."""
     from ..methods import METHODS
     from . import discretization as disc
 
@@ -206,6 +234,8 @@ def run_bench(tasks=None, methods=None, queries: int = DEFAULT_QUERIES, seeds: i
     if disc_samples < 1:
         raise ConfigError(f"--discretization-samples {disc_samples} must be >= 1 (e.g. 4096)")
     tasks = split_names(tasks) or list(DEFAULT_TASKS)
+    if alphas:
+        tasks = with_alphas(tasks, alphas)
     methods = split_names(methods) or list(METHODS)
     for name, value in (("--queries", queries), ("--seeds", seeds), ("--jobs", jobs), ("--eval-samples", eval_samples)):
         if value < 1:
@@ -225,7 +255,7 @@ def run_bench(tasks=None, methods=None, queries: int = DEFAULT_QUERIES, seeds: i
     todo = [s for s in specs if s not in done]
     rows_by_spec = {}
     for spec in done:
-        rows_by_spec[spec] = load_row(spec.run_dir)
+        rows_by_spec[spec] = {**load_row(spec.run_dir), "task": spec.task}
         differences = _saved_config_differences(spec)
         if differences:
             log(f"sqdf bench: warning: reused {spec.run_dir} was made with other settings ({'; '.join(differences)});"
@@ -250,7 +280,7 @@ def run_bench(tasks=None, methods=None, queries: int = DEFAULT_QUERIES, seeds: i
     if any("error" not in r for r in rows):
         from ..training.run_setup import make_task
 
-        task_objects = {t: make_task(t, _task_config(specs, t)) for t in tasks}
+        task_objects = {t: make_task(task_variant(t)[0], _task_config(specs, t)) for t in tasks}
         from .plots import write_plots
 
         written += write_plots(rows, task_objects, methods, os.path.join(out, "plots"), log)

@@ -33,6 +33,7 @@ COLUMNS = (
     Column("x0 regret", "x0_regret", "min", ".4f"),
     Column("mode TV", "mode_tv", "min", ".3f"),
     Column("energy dist.", "energy_distance", "min", ".4f"),
+    Column("spread", "spread_ratio", None, ".3f"),
     Column("target acc.", "target_accuracy", "max", ".3f"),
     Column("Frechet", "frechet", "min", ".2f"),
     Column("diversity", "diversity", None, ".2f"),

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ConfigError
 from .policy import DiffusionPolicy
-from .schedule import prediction_to_eps_and_x0
+from .schedule import ddim_sigma_coeffs, prediction_to_eps_and_x0
 
 
 class X0Estimator(ABC):
@@ -101,3 +101,40 @@ def make_estimator(name: str, **kwargs) -> X0Estimator:
     if name not in ESTIMATORS:
         raise ConfigError(f"estimator={name!r} is not one of {sorted(ESTIMATORS)}")
     return ESTIMATORS[name](**kwargs)
+
+
+def reference_chain_x0(policy: DiffusionPolicy, x: torch.Tensor, k, cond, num_steps: int,
+                       noises: list[torch.Tensor]) -> torch.Tensor:
+    """Clean samples from short stochastic chains of the frozen reference, started at states x [B, *shape] at grid
+    index k (int or [B]): ``num_steps - 1`` DDIM steps at eta = 1 (the posterior std between the two levels) on the
+    grid t_k (1 - j / num_steps), then the reference's x0 prediction. ``noises``: num_steps - 1 tensors like x
+    (the fixed, reparameterized step noise). Differentiable in x; costs num_steps reference calls per state. With
+    num_steps = 1 it is Tweedie's estimate; as the chain is refined it samples p_ref(x_0 | x_t) (approximately,
+    as the reference sampler does). States at k == T are returned unchanged."""
+    if num_steps < 1:
+        raise ConfigError(f"reference chain num_steps={num_steps} must be >= 1")
+    if len(noises) != num_steps - 1:
+        raise ValueError(f"need {num_steps - 1} noise tensors, got {len(noises)}")
+    kk = policy._levels(x, k)
+    final = (kk == policy.num_steps).view(-1, *([1] * (x.ndim - 1)))
+    schedule = policy.schedule
+    t_start = policy._timesteps.to(x.device)[kk.clamp(max=policy.num_steps)]
+    view = (-1, *([1] * (x.ndim - 1)))
+    z = x
+    for j in range(num_steps):
+        t_now = schedule.subgrid(t_start, j / num_steps).to(policy._timesteps.dtype)
+        with policy._reference_mode() as ref:
+            pred = ref(z, t_now, cond)
+        s_now, n_now = (c.to(z.dtype).view(view) for c in schedule.coefficients_at(t_now))
+        eps, x0 = prediction_to_eps_and_x0(pred, z, s_now, n_now, policy.prediction_type)
+        if schedule.clip_sample is not None:
+            x0 = x0.clamp(-schedule.clip_sample, schedule.clip_sample)
+            eps = (z - s_now * x0) / n_now.clamp(min=1e-12)
+        if j == num_steps - 1:
+            z = x0
+            break
+        t_next = schedule.subgrid(t_start, (j + 1) / num_steps).to(policy._timesteps.dtype)
+        s_next, n_next = (c.to(z.dtype).view(view) for c in schedule.coefficients_at(t_next))
+        std = ddim_sigma_coeffs(s_now, n_now, s_next, n_next, 1.0).to(z.dtype)
+        z = s_next * x0 + (n_next**2 - std**2).clamp(min=0).sqrt() * eps + std * noises[j]
+    return torch.where(final, x, z)

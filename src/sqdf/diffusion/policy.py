@@ -80,6 +80,7 @@ class DiffusionPolicy(nn.Module):
         else:
             self.__dict__["reference"] = None
         self.__dict__["consistency_model"] = None
+        self.__dict__["soft_value"] = None  # (x [B, *shape], t [B], cond) -> [B]: a task's exact soft value, if any
         self._abar = schedule.abar.to(torch.float64)  # cast to the state's dtype where used
         self._signal = schedule.signal.to(torch.float64)
         self._noise = schedule.noise.to(torch.float64)
@@ -103,6 +104,11 @@ class DiffusionPolicy(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.__dict__["consistency_model"] = model.eval().to(self._device())
+
+    def attach_soft_value(self, fn) -> None:
+        """Attach a task's exact soft value ``fn(x [B, *shape], t [B] model timesteps, cond) -> [B]``
+        (V*(x, t) = alpha log E_ref[exp(r(x_0)/alpha) | x_t = x]; SQDF's method.value=exact reads it)."""
+        self.__dict__["soft_value"] = fn
 
     @contextmanager
     def _reference_mode(self):

@@ -87,3 +87,11 @@ def knn_entropy(x: torch.Tensor, k: int = 5, chunk: int = 1024) -> float:
 def sample_kl(x: torch.Tensor, log_p: torch.Tensor, k: int = 5) -> float:
     """KL(q || p) estimated from samples x [n, d] of q and the exact log p(x) [n]: -H_knn(q) - E_q[log p]."""
     return -knn_entropy(x, k) - float(log_p.detach().to(torch.float64).mean())
+
+
+def spread_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
+    """sqrt(tr Cov(x) / tr Cov(y)) for samples x [n, d] and reference samples y [m, d]: > 1 is over-dispersed
+    (wider than the reference, e.g. extra noise), < 1 under-dispersed (narrower, e.g. collapsed modes)."""
+    x = x.flatten(1).to(torch.float64)
+    y = y.flatten(1).to(torch.float64)
+    return float((x.var(0, unbiased=True).sum() / y.var(0, unbiased=True).sum().clamp(min=1e-300)).sqrt())

@@ -9,16 +9,16 @@ from .fk_steering import FKSteering, FKSteeringConfig
 from .prdp import PRDP, PRDPConfig
 from .rlcm import RLCM, RLCMConfig
 from .score_as_action import ScoreAsAction, ScoreAsActionConfig
-from .sqdf import SQDF, SQDFConfig
+from .sqdf import SQDF, SQDFConfig, SQDFPaper, SQDFPaperConfig
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SQDF, DDPO, DPOK, DRaFT, AlignProp, ReFL, PRDP, BestOfN, FKSteering, ScoreAsAction,
-                RLCM)
+    cls.name: cls for cls in (SQDF, SQDFPaper, DDPO, DPOK, DRaFT, AlignProp, ReFL, PRDP, BestOfN, FKSteering,
+                ScoreAsAction, RLCM)
 }
 
 __all__ = [
     "METHODS", "Generated", "InferenceMethod", "IterationContext", "Method", "MethodConfig", "Rollout", "ValueHeadMethod",
-    "SQDF", "SQDFConfig", "DDPO", "DDPOConfig", "DPOK", "DPOKConfig", "DRaFT", "DRaFTConfig", "AlignProp",
+    "SQDF", "SQDFConfig", "SQDFPaper", "SQDFPaperConfig", "DDPO", "DDPOConfig", "DPOK", "DPOKConfig", "DRaFT", "DRaFTConfig", "AlignProp",
     "AlignPropConfig", "ReFL", "ReFLConfig", "PRDP", "PRDPConfig", "BestOfN", "BestOfNConfig", "FKSteering",
     "FKSteeringConfig", "ScoreAsAction", "ScoreAsActionConfig", "RLCM", "RLCMConfig",
 ]

@@ -12,6 +12,7 @@ methods (``trains = False``: best-of-N, FK steering) override it and spend rewar
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -23,6 +24,18 @@ from ..diffusion.policy import DiffusionPolicy, Trajectory
 from ..errors import ConfigError
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, progress: float, final_fraction: float) -> float:
+    """The lr multiplier at ``progress`` in [0, 1] of the run: 1 for 'constant'; for 'cosine'
+    final + (1 - final) (1 + cos(pi progress)) / 2, from 1 at the start to ``final_fraction`` at the end."""
+    if schedule == "constant":
+        return 1.0
+    p = min(max(progress, 0.0), 1.0)
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * p))
+
+
 @dataclass
 class MethodConfig:
     """Fields every training method has."""
@@ -31,10 +44,18 @@ class MethodConfig:
     lr: float = option(1e-3, "AdamW learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient-norm clip (per parameter group); <= 0 disables clipping")
+    lr_schedule: str = option("constant", "'constant', or 'cosine': every group's lr anneals to lr_final_fraction "
+                              "times its start over the run (trainer.steps, or trainer.max_queries when that budget "
+                              "ends the run first)")
+    lr_final_fraction: float = option(0.1, "lr_schedule=cosine: the final lr as a fraction of the start, in [0, 1]")
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"method.batch_size={self.batch_size} must be >= 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"method.lr_schedule={self.lr_schedule!r} must be one of {LR_SCHEDULES}")
+        if not 0 <= self.lr_final_fraction <= 1:
+            raise ConfigError(f"method.lr_final_fraction={self.lr_final_fraction} must be in [0, 1]")
         if not self.lr > 0:
             raise ConfigError(f"method.lr={self.lr} must be > 0")
         if self.weight_decay < 0:
@@ -89,6 +110,12 @@ class Method(ABC):
         self.config = config
         self.policy = policy
         self.alpha = alpha
+
+    @classmethod
+    def reward_gradient_needed(cls, config: MethodConfig) -> bool:
+        """Whether this method, with this config, backpropagates through the reward (the Trainer then refuses
+        black-box rewards). Default: the class's ``needs_reward_gradient``."""
+        return cls.needs_reward_gradient
 
     @classmethod
     def build_policy(cls, task, config, out_dir: str | None, device) -> DiffusionPolicy | None:

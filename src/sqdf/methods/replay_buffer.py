@@ -1,6 +1,7 @@
 """A fixed-size ring buffer of sampled trajectories, with the sampling rules SQDF uses.
 
-Entries hold all states of a chain [T+1, *shape], its condition (or none) and its reward. A draw returns
+Entries hold all states of a chain [T+1, *shape], its condition (or none), its reward and, when given, the exact
+per-step KLs of the policy that sampled it [T] (a learned soft value regresses on r - alpha sum KL). A draw returns
 (entry index, step k) pairs, k in 0 .. T-1, under one of three rules:
 
 - ``random``: entry and step uniform.
@@ -37,6 +38,8 @@ class ReplayBuffer:
         self.states: torch.Tensor | None = None  # [capacity, T+1, *shape]
         self.conds: torch.Tensor | None = None  # [capacity, ...]
         self.rewards = torch.zeros(self.capacity, device=self.device)
+        self.kls: torch.Tensor | None = None  # [capacity, T], sampling-time step KLs (when added with kls)
+        self.x0s: torch.Tensor | None = None  # [capacity, T+1, *shape], x0 estimates of the states (when added)
         self.inserted = 0  # total entries ever added
         self.order = torch.zeros(self.capacity, dtype=torch.long, device=self.device)  # insertion number per slot
 
@@ -44,16 +47,21 @@ class ReplayBuffer:
         return min(self.inserted, self.capacity)
 
     def clear(self) -> None:
-        self.states, self.conds = None, None
+        self.states, self.conds, self.kls, self.x0s = None, None, None, None
         self.inserted = 0
 
-    def add(self, states: torch.Tensor, rewards: torch.Tensor, conds: torch.Tensor | None = None) -> None:
-        """Insert B trajectories: states [B, T+1, *shape], rewards [B], conds [B, ...] or None."""
+    def add(self, states: torch.Tensor, rewards: torch.Tensor, conds: torch.Tensor | None = None,
+            kls: torch.Tensor | None = None, x0s: torch.Tensor | None = None) -> None:
+        """Insert B trajectories: states [B, T+1, *shape], rewards [B], conds [B, ...] or None, kls [B, T] or None,
+        x0s (clean-sample estimates of every state) like states or None. Give kls and x0s always or never: the
+        buffer keeps them from the first add that has them."""
         if states.shape[0] > self.capacity:  # only the newest `capacity` rows can stay
             drop = states.shape[0] - self.capacity
             self.inserted += drop
             states, rewards = states[drop:], rewards[drop:]
             conds = None if conds is None else conds[drop:]
+            kls = None if kls is None else kls[drop:]
+            x0s = None if x0s is None else x0s[drop:]
         b = states.shape[0]
         if states.shape[1] != self.num_steps + 1:
             raise ValueError(f"states have {states.shape[1]} states per chain, the buffer expects {self.num_steps + 1}")
@@ -61,13 +69,38 @@ class ReplayBuffer:
             self.states = torch.zeros((self.capacity, *states.shape[1:]), dtype=states.dtype, device=self.device)
             if conds is not None:
                 self.conds = torch.zeros((self.capacity, *conds.shape[1:]), dtype=conds.dtype, device=self.device)
+        if kls is not None:
+            if kls.shape != (b, self.num_steps):
+                raise ValueError(f"kls must have shape [{b}, {self.num_steps}], got {tuple(kls.shape)}")
+            if self.kls is None:
+                self.kls = torch.zeros((self.capacity, self.num_steps), dtype=torch.float32, device=self.device)
+        if x0s is not None:
+            if x0s.shape != states.shape:
+                raise ValueError(f"x0s must have the states' shape {tuple(states.shape)}, got {tuple(x0s.shape)}")
+            if self.x0s is None:
+                self.x0s = torch.zeros((self.capacity, *x0s.shape[1:]), dtype=x0s.dtype, device=self.device)
         slots = (torch.arange(b, device=self.device) + self.inserted) % self.capacity
         self.states[slots] = states.detach().to(self.device)
         self.rewards[slots] = rewards.detach().to(self.device, self.rewards.dtype)
         if self.conds is not None and conds is not None:
             self.conds[slots] = conds.detach().to(self.device)
+        if self.kls is not None and kls is not None:
+            self.kls[slots] = kls.detach().to(self.device, self.kls.dtype)
+        if self.x0s is not None and x0s is not None:
+            self.x0s[slots] = x0s.detach().to(self.device, self.x0s.dtype)
         self.order[slots] = torch.arange(self.inserted, self.inserted + b, device=self.device)
         self.inserted += b
+
+    def returns(self, alpha: float) -> torch.Tensor:
+        """Soft returns-to-go G [N, T+1] of the stored chains: G_k = r - alpha sum_{s >= k} KL_s (G_T = r), the
+        regression targets of a learned soft value at the state before step k."""
+        n = len(self)
+        if self.kls is None:
+            raise RuntimeError("the buffer holds no step KLs: add trajectories with kls=")
+        kls = self.kls[:n].to(torch.float64)
+        to_go = torch.flip(torch.cumsum(torch.flip(kls, [1]), 1), [1])  # sum_{s >= k} KL_s, [N, T]
+        to_go = torch.cat([to_go, torch.zeros(n, 1, dtype=to_go.dtype, device=to_go.device)], 1)
+        return (self.rewards[:n].to(torch.float64)[:, None] - alpha * to_go).to(torch.float32)
 
     def sample_pairs(
         self, batch: int, mode: str, generator: torch.Generator, gamma: float = 1.0
@@ -100,6 +133,8 @@ class ReplayBuffer:
             "states": None if self.states is None else self.states.cpu(),
             "conds": None if self.conds is None else self.conds.cpu(),
             "rewards": self.rewards.cpu(),
+            "kls": None if self.kls is None else self.kls.cpu(),
+            "x0s": None if self.x0s is None else self.x0s.cpu(),
             "order": self.order.cpu(),
             "inserted": self.inserted,
         }
@@ -113,5 +148,7 @@ class ReplayBuffer:
         self.states = None if state["states"] is None else state["states"].to(self.device)
         self.conds = None if state["conds"] is None else state["conds"].to(self.device)
         self.rewards = state["rewards"].to(self.device)
+        self.kls = None if state.get("kls") is None else state["kls"].to(self.device)
+        self.x0s = None if state.get("x0s") is None else state["x0s"].to(self.device)
         self.order = state["order"].to(self.device)
         self.inserted = int(state["inserted"])

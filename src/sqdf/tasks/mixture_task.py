@@ -27,6 +27,7 @@ from ..evaluation.metrics import (
     mode_weights,
     objective_terms,
     sample_kl,
+    spread_ratio,
     total_variation,
 )
 from ..models.denoisers import MixtureScoreDenoiser, MLPDenoiser, ResidualDenoiser
@@ -189,6 +190,33 @@ class MixtureTask(Task):
             return self._exact_target.mixture
         return None
 
+    def soft_value(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                   mc_samples: int = 256) -> torch.Tensor:
+        """The exact soft value V*(x, t) = alpha log E_ref[exp(r(x_0)/alpha) | x_t = x] of states x [B, d] at model
+        timesteps t [B] (the base mixture's, whatever base network the task trains): closed form when the target is
+        a known mixture, else ``mc_samples`` posterior draws per component (fixed seed). Differentiable in x."""
+        from ..diffusion.soft_value import exact_soft_value, monte_carlo_soft_value
+
+        if not hasattr(self, "_value_schedule"):
+            self._value_schedule = self.make_schedule()
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        signal, noise = self._value_schedule.coefficients_at(t.cpu())
+        target = self.target_mixture
+        log_z = None if target is None else (self._tilt.log_z if self._tilt is not None else self._exact_target.log_z)
+        rows, values = [], []
+        for level in torch.unique(t):
+            idx = torch.nonzero(t == level).flatten()
+            s, n = float(signal[idx[0].cpu()]), float(noise[idx[0].cpu()])
+            if target is not None:
+                v = exact_soft_value(self.base, target, log_z, self._alpha, x[idx], s, n)
+            else:
+                v = monte_carlo_soft_value(self.base, self.reward, self._alpha, x[idx], s, n, mc_samples,
+                                           torch.Generator().manual_seed(0))
+            rows.append(idx)
+            values.append(v.to(device=x.device, dtype=x.dtype))
+        vals = torch.cat(values)
+        return torch.zeros_like(vals).index_copy(0, torch.cat(rows), vals)
+
     def known_optimum(self) -> KnownOptimum:
         if self._tilt is not None:
             t = self._tilt
@@ -256,6 +284,7 @@ class MixtureTask(Task):
         n = min(x.shape[0], EVAL_TARGET_SAMPLES)
         out = {
             "energy_distance": energy_distance(x[:n], self._eval_targets),
+            "spread_ratio": spread_ratio(x, self._eval_targets),
             "mode_weights": [round(float(v), 4) for v in weights],
         }
         if opt.mode_weights is not None:

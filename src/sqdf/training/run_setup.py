@@ -128,6 +128,11 @@ def build_policy(task: Task, config: RunConfig, out_dir: str | None, device,
     policy = DiffusionPolicy(model, schedule, task.sample_shape, reference=reference).to(device)
     if getattr(config.method, "estimator", None) == "consistency":
         policy.attach_consistency_model(task.consistency_model())
+    if getattr(config.method, "value", None) == "exact":
+        if not hasattr(task, "soft_value"):
+            raise ConfigError(f"method.value=exact needs the task's exact soft value; task {type(task).__name__} has "
+                              "none (the toy mixture tasks do): use method.value=critic")
+        policy.attach_soft_value(task.soft_value)
     return policy
 
 

@@ -22,6 +22,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..evaluation.metrics import objective_terms
 from ..methods import IterationContext, Method, Rollout
+from ..methods.base import lr_factor
 from .checked_reward import CheckedReward
 from .checkpoint import atomic_write_text, load_latest_checkpoint, save_checkpoint
 from .run_setup import (
@@ -50,7 +51,7 @@ class Trainer:
         cls = method_class(method_name)
         config.method.validate()
         self.task = make_task(task_name, config.task)
-        if cls.needs_reward_gradient and training_reward is None and not self.task.differentiable_reward:
+        if cls.reward_gradient_needed(config.method) and training_reward is None and not self.task.differentiable_reward:
             raise ConfigError(f"method {method_name} follows the reward's gradient, but the {task_name} reward "
                               f"({getattr(config.task, 'reward', '?')}) is black-box; use a gradient-free method "
                               "(ddpo, dpok, prdp, best_of_n, fk_steering) or a differentiable reward")
@@ -245,9 +246,24 @@ class Trainer:
             else:
                 norms.append(torch.norm(torch.stack([p.grad.norm() for p in params])))
         norm = norms[0] if norms else torch.tensor(0.0)
+        self._apply_lr_schedule()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float(norm)}
+
+    def _apply_lr_schedule(self) -> None:
+        """Set every group's lr from its starting value and the run's progress (method.lr_schedule)."""
+        mcfg, tcfg = self.config.method, self.config.trainer
+        if getattr(mcfg, "lr_schedule", "constant") == "constant":
+            return
+        if not hasattr(self, "_base_lrs"):
+            self._base_lrs = [group.get("lr", mcfg.lr) for group in self.method.param_groups()]
+        progress = self.iteration / max(tcfg.steps - 1, 1)  # the 0-based index of the running iteration
+        if tcfg.max_queries > 0:
+            progress = max(progress, self.reward.queries / tcfg.max_queries)
+        factor = lr_factor(mcfg.lr_schedule, progress, mcfg.lr_final_fraction)
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs):
+            group["lr"] = base * factor
 
     # ---- evaluation and logging ----------------------------------------------------------------------------
     def evaluate(self, n: int | None = None) -> tuple[dict, torch.Tensor]:

@@ -10,10 +10,12 @@ estimate V_hat is compared with V* on:
 
 Estimates: r(x0_hat) for the x0 estimators tweedie, ode (10 DDIM steps) and consistency (the task's distilled
 model), the same scaled by the paper's discount gamma^(T-1-k) (gamma from ``--gamma``), and the multi-sample value
-alpha log mean_j exp(r(x0_j)/alpha) over M short reference chains (``--mc``, M:steps pairs). Writes a markdown
-table per task to stdout and ``--out``.
+alpha log mean_j exp(r(x0_j)/alpha) over M short reference chains (``--mc``, M:steps pairs), and the learned
+critic V_phi of finished `value=critic` SQDF runs (``--critic-runs DIR,...``: the critic of each run's newest
+checkpoint, on the run's task). Writes a markdown table per task to stdout and ``--out``.
 
-    python benchmarks/soft_value_study.py --tasks gmm1,gmm2,mix25to9,gaussian --n 1024 --out runs/soft-value-study.md
+    python benchmarks/soft_value_study.py --tasks gmm1,gmm2,mix25to9,gaussian --n 1024 --out runs/soft-value-study.md \
+        --critic-runs runs/bench/runs/gmm1/sqdf/seed0,runs/bench/runs/gmm2/sqdf/seed0
 """
 
 from __future__ import annotations
@@ -67,9 +69,29 @@ def compare(v, g, v_star, g_star) -> dict:
             "cos": float(cos.mean())}
 
 
-def estimates(task, policy, k: int, gamma: float, mc: list[tuple[int, int]], seed: int):
+def load_critics(dirs) -> dict[str, list]:
+    """task name -> [(label, CriticValue)] from the newest checkpoints of finished value=critic SQDF runs."""
+    from sqdf.training.checkpoint import load_latest_checkpoint
+    from sqdf.training.saved_runs import load_run
+
+    out: dict[str, list] = {}
+    for run_dir in dirs:
+        run = load_run(run_dir)
+        _, state, _ = load_latest_checkpoint(run_dir)
+        run.method.load_state_dict(state["method"])
+        label = f"critic ({os.path.basename(os.path.dirname(os.path.dirname(run_dir.rstrip('/'))))}/" \
+                f"{os.path.basename(run_dir.rstrip('/'))}, iteration {run.iteration})"
+        out.setdefault(run.task_name, []).append((label, run.method.value))
+    return out
+
+
+def estimates(task, policy, k: int, gamma: float, mc: list[tuple[int, int]], seed: int, critics=()):
     """name -> fn(x) [B] of V_hat at grid step k."""
     out = {}
+    for label, critic in critics:
+        t_k = policy._timesteps[k]
+        out[label] = (lambda critic: lambda x: critic.net(x, t_k.expand(x.shape[0]), None,
+                                                          critic.estimator(policy, x, k, None)))(critic)
     t_max = policy.num_steps
     for name in ("tweedie", "ode", "consistency"):
         kwargs = {"num_steps": 10} if name == "ode" else {}
@@ -88,7 +110,7 @@ def estimates(task, policy, k: int, gamma: float, mc: list[tuple[int, int]], see
     return out
 
 
-def study(task_name: str, n: int, which: str, gamma: float, mc, seed: int, log) -> str:
+def study(task_name: str, n: int, which: str, gamma: float, mc, seed: int, log, critics=(), only=()) -> str:
     task, policy = build(task_name)
     policy.attach_consistency_model(task.consistency_model())
     rows: dict[str, dict[int, dict]] = {}
@@ -98,7 +120,9 @@ def study(task_name: str, n: int, which: str, gamma: float, mc, seed: int, log) 
         t = policy._timesteps[k].expand(n)
         v_star, g_star = value_and_grad(lambda z: task.soft_value(z.double(), t).float(), x)
         mags[k] = float(g_star.norm(dim=1).mean())
-        for name, fn in estimates(task, policy, k, gamma, mc, seed).items():
+        for name, fn in estimates(task, policy, k, gamma, mc, seed, critics).items():
+            if only and not name.startswith(tuple(only)):
+                continue
             v, g = value_and_grad(fn, x)
             rows.setdefault(name, {})[k] = compare(v, g, v_star, g_star)
         log(f"{task_name}: step {k} done")
@@ -126,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--gamma", type=float, default=0.96, help="the paper variant's discount (gmm1's tuned 0.96)")
     p.add_argument("--mc", default="4:5,16:10", help="M:steps of the multi-sample values, comma-separated")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--critic-runs", default="", help="finished value=critic SQDF run folders, comma-separated")
+    p.add_argument("--only", default="", help="report only the estimates whose names start with these, e.g. critic")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -133,8 +159,10 @@ def main(argv=None) -> int:
     start = time.time()
     parts = [f"`python benchmarks/soft_value_study.py {' '.join(argv or sys.argv[1:])}`\n",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}\n"]
+    critics = load_critics([d for d in args.critic_runs.split(",") if d])
     for name in args.tasks.split(","):
-        parts.append(study(name, args.n, args.states, args.gamma, mc, args.seed, lambda m: print(m, file=sys.stderr)))
+        parts.append(study(name, args.n, args.states, args.gamma, mc, args.seed, lambda m: print(m, file=sys.stderr),
+                           critics.get(name, ()), [s for s in args.only.split(",") if s]))
     parts.append(f"({time.time() - start:.0f} s)\n")
     text = "\n".join(parts)
     print(text)

@@ -63,9 +63,9 @@ def test_blackbox_presets_apply_below_the_command_line(tmp_path):
     from sqdf.bench.blackbox import BLACKBOX_PRESETS, spec_for
 
     preset = BLACKBOX_PRESETS["gmm1"]
-    spec = spec_for("gmm1", parse_entry("sqdf"), 0, 1024, 64, [], str(tmp_path), {})
-    assert spec.blackbox["inner_steps"] == preset["sqdf"]["blackbox"]["inner_steps"]
-    spec = spec_for("gmm1", parse_entry("sqdf"), 0, 1024, 64, [], str(tmp_path), {"inner_steps": 7})
+    spec = spec_for("gmm1", parse_entry("sqdf-paper"), 0, 1024, 64, [], str(tmp_path), {})
+    assert spec.blackbox["inner_steps"] == preset["sqdf-paper"]["blackbox"]["inner_steps"]
+    spec = spec_for("gmm1", parse_entry("sqdf-paper"), 0, 1024, 64, [], str(tmp_path), {"inner_steps": 7})
     assert spec.blackbox["inner_steps"] == 7
     spec = spec_for("gmm1", parse_entry("prdp:direct"), 1, 1024, 64, ["method.lr=0.5"], str(tmp_path), {})
     assert spec.config["method"]["batch_size"] == preset["prdp:direct"]["method"]["batch_size"]

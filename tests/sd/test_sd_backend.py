@@ -72,6 +72,29 @@ def test_every_method_runs_on_tiny_sd15(sd_run, method):
         assert os.path.exists(os.path.join(trainer.out_dir, "lora", "pytorch_lora_weights.safetensors"))
 
 
+@pytest.mark.parametrize("value, per_pair", [("mc", 2), ("critic", 0), ("paper", 1)])
+def test_sqdf_soft_values_run_through_the_unet(sd_run, value, per_pair):
+    # tiny presets: 2 chains, 2 pairs per policy step; mc: 2 reference chains of 2 UNet steps per pair
+    trainer = sd_run("sd15-aesthetic", "sqdf", **{"method.value": value, "method.mc_samples": 2,
+                                                  "method.mc_steps": 2})
+    net = trainer.task.denoiser.net
+    before = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+    summary = trainer.train()
+    assert summary["reward_queries"] == 2 + 2 * per_pair
+    assert any(not torch.equal(before[n], p.detach()) for n, p in net.named_parameters() if p.requires_grad)
+    if value == "critic":  # the critic (a conv net on latents) and its optimizer are part of the checkpoint
+        ckpt = sorted(os.listdir(os.path.join(trainer.out_dir, "checkpoints")))[-1]
+        state = torch.load(os.path.join(trainer.out_dir, "checkpoints", ckpt), weights_only=False)
+        assert "critic" in state["method"] and state["method"]["buffer"]["x0s"] is not None
+
+
+def test_exact_value_is_refused_on_sd(sd_run):
+    from sqdf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="method.value=exact needs"):
+        sd_run("sd15-aesthetic", "sqdf", **{"method.value": "exact"})
+
+
 @pytest.mark.parametrize("task", ["sdxl-aesthetic", "sd3-aesthetic"])
 def test_sdxl_and_flow_presets_train(sd_run, task):
     trainer = sd_run(task, "sqdf")

@@ -43,15 +43,36 @@ def _check_level(signal: float, noise: float) -> None:
         raise ConfigError(f"noise level (signal={signal}, noise={noise}) must have signal > 0 and noise >= 0")
 
 
-def exact_soft_value(base: GaussianMixture, target: GaussianMixture, log_z: float, alpha: float, x: torch.Tensor,
-                     signal: float, noise: float) -> torch.Tensor:
-    """V*(x, t) [B] for states x [B, d] at the level (signal, noise), given the tilted target mixture p* and
-    log Z = log E_ref[exp(r/alpha)]. At noise 0 it equals r(x / signal)."""
-    _check_level(signal, noise)
-    p_t = noised_mixture(base, signal, noise)
-    q_t = noised_mixture(target, signal, noise)
+def noised_log_prob(mixture: GaussianMixture, x: torch.Tensor, signal: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """log p_t(x_b) [B] of the noised mixture at each sample's own level (signal [B], noise [B]), x [B, d]: every
+    component N(s_b m_k, s_b^2 S_k + n_b^2 I), batched over samples and components. Differentiable in x."""
     x64 = x.flatten(1).to(torch.float64)
-    return (alpha * (log_z + q_t.log_prob(x64) - p_t.log_prob(x64))).to(x.dtype)
+    s = torch.as_tensor(signal, dtype=torch.float64, device=x64.device).reshape(-1, 1, 1, 1)
+    n = torch.as_tensor(noise, dtype=torch.float64, device=x64.device).reshape(-1, 1, 1, 1)
+    d = mixture.dim
+    eye = torch.eye(d, dtype=torch.float64, device=x64.device)
+    covs = s * s * mixture.covs.to(x64.device)[None] + n * n * eye  # [B, K, d, d]
+    chol = torch.linalg.cholesky(covs)
+    diff = x64[:, None, :] - s[..., 0] * mixture.means.to(x64.device)[None]  # [B, K, d]
+    sol = torch.linalg.solve_triangular(chol, diff[..., None], upper=False)[..., 0]
+    maha = (sol**2).sum(-1)
+    logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    comp = torch.log(mixture.weights.to(x64.device))[None] - 0.5 * (maha + logdet + d * math.log(2 * math.pi))
+    return torch.logsumexp(comp, dim=1)
+
+
+def exact_soft_value(base: GaussianMixture, target: GaussianMixture, log_z: float, alpha: float, x: torch.Tensor,
+                     signal, noise) -> torch.Tensor:
+    """V*(x, t) [B] for states x [B, d] at the level (signal, noise) (numbers, or [B] tensors: one level per
+    sample), given the tilted target mixture p* and log Z = log E_ref[exp(r/alpha)]. At noise 0 it equals
+    r(x / signal)."""
+    s = torch.as_tensor(signal, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+    n = torch.as_tensor(noise, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+    if not (bool((s > 0).all()) and bool((n >= 0).all())):
+        raise ConfigError(f"noise levels must have signal > 0 and noise >= 0 (got signal {s.min():.3g}.., "
+                          f"noise {n.min():.3g}..)")
+    v = log_z + noised_log_prob(target, x, s, n) - noised_log_prob(base, x, s, n)
+    return (alpha * v).to(x.dtype)
 
 
 def mixture_posterior(base: GaussianMixture, x: torch.Tensor, signal: float,

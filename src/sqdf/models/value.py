@@ -8,6 +8,16 @@ from torch import nn
 from .denoisers import timestep_embedding
 
 
+def scalar_mlp(width: int, hidden: int, num_layers: int) -> nn.Sequential:
+    """[B, width] -> [B, 1]: num_layers SiLU layers of ``hidden`` units, then a linear output."""
+    layers: list[nn.Module] = []
+    for _ in range(num_layers):
+        layers += [nn.Linear(width, hidden), nn.SiLU()]
+        width = hidden
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
 class ValueMLP(nn.Module):
     """An MLP on [flattened x, emb(t), cond] returning one value per sample [B]."""
 
@@ -15,13 +25,7 @@ class ValueMLP(nn.Module):
                  num_train_steps: int = 1000, cond_dim: int = 0):
         super().__init__()
         self.time_dim, self.num_train_steps, self.cond_dim = time_dim, num_train_steps, cond_dim
-        layers: list[nn.Module] = []
-        width = numel + time_dim + cond_dim
-        for _ in range(num_layers):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        layers.append(nn.Linear(width, 1))
-        self.net = nn.Sequential(*layers)
+        self.net = scalar_mlp(numel + time_dim + cond_dim, hidden, num_layers)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         feats = [x.flatten(1).float(), timestep_embedding(t, self.time_dim, self.num_train_steps)]
@@ -62,13 +66,7 @@ class SoftCritic(nn.Module):
             self.encoder = nn.Flatten()
             feat = channels * int(torch.tensor(self.sample_shape).prod())
         self.cond_embed = nn.Embedding(cond_buckets, cond_dim)
-        layers: list[nn.Module] = []
-        width = feat + time_dim + cond_dim
-        for _ in range(num_layers):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        layers.append(nn.Linear(width, 1))
-        self.head = nn.Sequential(*layers)
+        self.head = scalar_mlp(feat + time_dim + cond_dim, hidden, num_layers)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("scale_set", torch.zeros((), dtype=torch.bool))
         self.register_buffer("target_mean", torch.zeros(()))

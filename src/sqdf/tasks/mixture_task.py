@@ -203,15 +203,14 @@ class MixtureTask(Task):
         signal, noise = self._value_schedule.coefficients_at(t.cpu())
         target = self.target_mixture
         log_z = None if target is None else (self._tilt.log_z if self._tilt is not None else self._exact_target.log_z)
+        if target is not None:  # one batched closed form, every sample at its own level
+            return exact_soft_value(self.base, target, log_z, self._alpha, x, signal, noise).to(x.dtype)
         rows, values = [], []
         for level in torch.unique(t):
             idx = torch.nonzero(t == level).flatten()
             s, n = float(signal[idx[0].cpu()]), float(noise[idx[0].cpu()])
-            if target is not None:
-                v = exact_soft_value(self.base, target, log_z, self._alpha, x[idx], s, n)
-            else:
-                v = monte_carlo_soft_value(self.base, self.reward, self._alpha, x[idx], s, n, mc_samples,
-                                           torch.Generator().manual_seed(0))
+            v = monte_carlo_soft_value(self.base, self.reward, self._alpha, x[idx], s, n, mc_samples,
+                                       torch.Generator().manual_seed(0))
             rows.append(idx)
             values.append(v.to(device=x.device, dtype=x.dtype))
         vals = torch.cat(values)

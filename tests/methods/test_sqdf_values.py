@@ -3,7 +3,7 @@ task, query accounting, resume of the critic, and the default (critic) improving
 
 from __future__ import annotations
 
-import math
+import json
 
 import pytest
 import torch
@@ -44,13 +44,13 @@ def test_monte_carlo_value_tends_to_the_exact_soft_value_as_chains_refine():
     errors = []
     for m, steps in ((1, 1), (512, 5), (2048, 20), (8192, 200)):  # the chain's error is O(1 / steps)
         g = torch.Generator().manual_seed(1)
-        value = MonteCarloValue(task.alpha, m, steps, lambda: g)
-        v, queries = value(policy, x, k, None, task.reward)
+        value = MonteCarloValue(task.alpha, m, steps)
+        v, queries = value(policy, x, k, None, task.reward, g)
         assert queries == 8 * m
         errors.append(float((v - v_star).abs().max()))
     assert errors == sorted(errors, reverse=True) and errors[0] > 0.5 and errors[-1] < 0.04
     g = torch.Generator().manual_seed(1)
-    final, _ = MonteCarloValue(task.alpha, 3, 4, lambda: g)(policy, x, torch.full((8,), 20), None, task.reward)
+    final, _ = MonteCarloValue(task.alpha, 3, 4)(policy, x, torch.full((8,), 20), None, task.reward, g)
     torch.testing.assert_close(final, task.reward(x))  # at the last step V = r(x') exactly
 
 
@@ -162,9 +162,6 @@ def test_default_sqdf_improves_a_mixture_task(tmp_path):
                                "progress": False, "floor": False, "seed": 0},
                    "task": {"num_inference_steps": 20}})
     summary = Trainer("gmm2", "sqdf", config, str(tmp_path / "run")).train()
-    base = math.inf
-    import json
-
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"eval"' in line]
     base = rows[0]["regret"]
     assert summary["regret"] < 0.5 * base

@@ -132,22 +132,21 @@ class SQDF(Method):
         kwargs = {"num_steps": config.estimator_steps} if config.estimator == "ode" else {}
         self.estimator = make_estimator(config.estimator, **kwargs)
         self.buffer = ReplayBuffer(config.buffer_size, policy.num_steps, device=policy._device())
-        self._generator = None
         self.iterations = 0
         if config.value == "paper":
             self.value = PaperValue(self.estimator)
         elif config.value == "mc":
-            self.value = MonteCarloValue(self.alpha, config.mc_samples, config.mc_steps, lambda: self._generator)
+            self.value = MonteCarloValue(self.alpha, config.mc_samples, config.mc_steps)
         elif config.value == "exact":
             self.value = ExactValue()
         else:
             num_train = len(getattr(policy.schedule, "alphas_cumprod", ())) or 1000
             self.value = CriticValue(policy, self.estimator, self.alpha, config.critic_hidden, config.critic_layers,
-                                     config.critic_lr, config.critic_x0_input, num_train)
+                                     config.critic_lr, config.critic_x0_input, num_train, config.critic_steps,
+                                     config.critic_batch_size, config.critic_warmup, config.critic_max_grad_norm)
 
     def to(self, device) -> "SQDF":
-        if isinstance(self.value, CriticValue):
-            self.value.net.to(device)
+        self.value.to(device)
         return self
 
     def step_kl(self, mean: torch.Tensor, ref_mean: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -157,10 +156,12 @@ class SQDF(Method):
         sigma = self.policy.sigma_of(mean, k)
         return (((mean - ref_mean) / sigma) ** 2).flatten(1).mean(1)
 
-    def pair_loss(self, x: torch.Tensor, k: torch.Tensor, cond, noise: torch.Tensor, reward) -> tuple:
-        """Loss over pairs (state x [B, *shape] before step k [B]); returns (loss, values, kls)."""
+    def pair_loss(self, x: torch.Tensor, k: torch.Tensor, cond, noise: torch.Tensor, reward,
+                  generator: torch.Generator | None = None) -> tuple:
+        """Loss over pairs (state x [B, *shape] before step k [B]); returns (loss, values, kls). ``generator``: for
+        values that draw noise (mc)."""
         x_next, mean, ref_mean = self.policy.reparameterized_step(x, k, cond, noise)
-        v, _ = self.value(self.policy, x_next, k + 1, cond, reward)
+        v, _ = self.value(self.policy, x_next, k + 1, cond, reward, generator)
         kl = self.step_kl(mean, ref_mean, k)
         steps_to_go = self.policy.num_steps - 1 - k
         return sqdf_loss(v, kl, steps_to_go, self.config.gamma, self.alpha), v, kl
@@ -171,18 +172,14 @@ class SQDF(Method):
 
     def train_iteration(self, ctx: IterationContext) -> dict[str, float]:
         cfg = self.config
-        self._generator = ctx.generator
         roll = ctx.rollout(cfg.batch_size)
         traj = roll.trajectory
-        x0s = self.value.state_estimates(self.policy, traj.states, traj.cond) if isinstance(self.value, CriticValue) \
-            else None
+        x0s = self.value.state_estimates(self.policy, traj.states, traj.cond)
         self.buffer.add(traj.states, roll.rewards, traj.cond, traj.kls, x0s)
-        out: dict[str, float] = {"buffer_size": len(self.buffer)}
-        if isinstance(self.value, CriticValue):
-            out["critic_loss"] = self.value.fit(self.policy, self.buffer, cfg.critic_steps, cfg.critic_batch_size,
-                                                ctx.generator, cfg.critic_max_grad_norm)
+        out: dict[str, float] = {"buffer_size": len(self.buffer), **self.value.update(self.policy, self.buffer,
+                                                                                     ctx.generator)}
         self.iterations += 1
-        if isinstance(self.value, CriticValue) and self.iterations <= cfg.critic_warmup:
+        if self.iterations <= self.value.warmup:
             return out
         n_pairs = cfg.train_batch_size or cfg.batch_size
         losses, kls, grad_norms = [], [], []
@@ -191,7 +188,7 @@ class SQDF(Method):
             x = self.buffer.states[idx, k]
             cond = None if self.buffer.conds is None else self.buffer.conds[idx]
             noise = torch.randn(x.shape, generator=ctx.generator, device=ctx.generator.device).to(x.device)
-            loss, _, kl = self.pair_loss(x, k, cond, noise, ctx.reward)
+            loss, _, kl = self.pair_loss(x, k, cond, noise, ctx.reward, ctx.generator)
             stats = ctx.optimizer_step(loss)
             losses.append(float(loss.detach()))
             kls.append(float(kl.detach().mean()))
@@ -202,15 +199,15 @@ class SQDF(Method):
 
     def state_dict(self) -> dict:
         state = {"buffer": self.buffer.state_dict(), "iterations": self.iterations}
-        if isinstance(self.value, CriticValue):
-            state["critic"] = self.value.state_dict()
+        value_state = self.value.state_dict()
+        if value_state:
+            state["critic"] = value_state
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer.load_state_dict(state["buffer"])
         self.iterations = int(state.get("iterations", 0))
-        if isinstance(self.value, CriticValue):
-            self.value.load_state_dict(state["critic"])
+        self.value.load_state_dict(state.get("critic", {}))
 
 
 class SQDFPaper(SQDF):

@@ -2,7 +2,8 @@
 
 SQDF's loss at a pair (stored state x before step k) is -[w_k V(x') - alpha KL_k], w_k = gamma^(T-1-k); the exact
 soft Q of the step is V*(x') = alpha log E_ref[exp(r(x_0)/alpha) | x'] (``sqdf.diffusion.soft_value``). The
-estimates of it, each ``value(x_next, k_next, cond, ctx) -> (V [B], reward queries spent)``:
+estimates of it, each ``value(policy, x_next, k_next, cond, reward, generator) -> (V [B], reward queries spent)``
+(the generator: the iteration's, for any noise the estimate draws, so resume is exact):
 
 * ``paper``: r(x0_hat(x')) with a training-free x0 estimator (Tweedie, ODE, consistency): the published SQDF.
   One reward query per pair. Biased wherever the posterior of x_0 is spread (mid noise, between modes); the
@@ -30,32 +31,56 @@ from ..models.value import SoftCritic
 VALUES = ("paper", "mc", "critic", "exact")
 
 
-class PaperValue:
+class SoftValue:
+    """A soft-value estimate. The hooks below are what a learned one needs around the update; the training-free
+    ones keep these no-op defaults."""
+
+    warmup: int = 0  # first iterations that only prepare the value (no policy step)
+
+    def state_estimates(self, policy, states: torch.Tensor, cond) -> torch.Tensor | None:
+        """Per-state quantities to keep in the replay buffer beside new chains (x0 estimates), or None."""
+        return None
+
+    def update(self, policy, buffer, generator: torch.Generator) -> dict[str, float]:
+        """Learn from the buffer once per iteration; returns metrics to log."""
+        return {}
+
+    def to(self, device) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class PaperValue(SoftValue):
     """r(x0_hat(x')), one reward query per pair."""
 
     def __init__(self, estimator):
         self.estimator = estimator
 
-    def __call__(self, policy, x_next, k_next, cond, reward) -> tuple[torch.Tensor, int]:
+    def __call__(self, policy, x_next, k_next, cond, reward, generator=None) -> tuple[torch.Tensor, int]:
         x0_hat = self.estimator(policy, x_next, k_next, cond)
         return reward(x0_hat, cond), x_next.shape[0]
 
 
-class MonteCarloValue:
+class MonteCarloValue(SoftValue):
     """alpha log mean_j exp(r(x0_j)/alpha), x0_j from ``samples`` reference chains of ``steps`` steps each."""
 
-    def __init__(self, alpha: float, samples: int, steps: int, generator_fn):
+    def __init__(self, alpha: float, samples: int, steps: int):
         self.alpha, self.samples, self.steps = alpha, samples, steps
-        self.generator_fn = generator_fn  # () -> the iteration's generator (all noise from it: exact resume)
 
-    def __call__(self, policy, x_next, k_next, cond, reward) -> tuple[torch.Tensor, int]:
+    def __call__(self, policy, x_next, k_next, cond, reward, generator=None) -> tuple[torch.Tensor, int]:
         b, m = x_next.shape[0], self.samples
         final = k_next == policy.num_steps
         rep = x_next.repeat_interleave(m, 0)
         k_rep = k_next.repeat_interleave(m, 0)
         cond_rep = None if cond is None else cond.repeat_interleave(m, 0)
-        gen = self.generator_fn()
-        noises = [torch.randn(rep.shape, generator=gen, device=gen.device).to(rep.device, rep.dtype)
+        if generator is None and self.steps > 1:
+            raise ValueError("the mc value draws chain noise: pass the iteration's generator")
+        noises = [torch.randn(rep.shape, generator=generator, device=generator.device).to(rep.device, rep.dtype)
                   for _ in range(self.steps - 1)]
         x0 = reference_chain_x0(policy, rep, k_rep, cond_rep, self.steps, noises)
         r = reward(x0, cond_rep).reshape(b, m)
@@ -64,10 +89,10 @@ class MonteCarloValue:
         return torch.where(final, r[:, 0], v), b * m
 
 
-class ExactValue:
+class ExactValue(SoftValue):
     """The task's exact soft value attached to the policy (``policy.soft_value``): no query (diagnostic)."""
 
-    def __call__(self, policy, x_next, k_next, cond, reward) -> tuple[torch.Tensor, int]:
+    def __call__(self, policy, x_next, k_next, cond, reward, generator=None) -> tuple[torch.Tensor, int]:
         fn = policy.soft_value
         if fn is None:
             raise ConfigError("method.value=exact needs a task with a known soft value (the toy mixture tasks); "
@@ -76,12 +101,14 @@ class ExactValue:
         return fn(x_next, t, cond).to(x_next.dtype), 0
 
 
-class CriticValue:
-    """V_phi(x', t_{k+1}) of a SoftCritic with its own Adam optimizer, refit on the buffer's soft returns."""
+class CriticValue(SoftValue):
+    """V_phi(x', t_{k+1}) of a SoftCritic with its own Adam optimizer, refit on the buffer's soft returns: ``steps``
+    steps of ``batch`` pairs per iteration (``update``), after ``warmup`` fit-only iterations."""
 
     def __init__(self, policy, estimator, alpha: float, hidden: int, layers: int, lr: float, x0_input: bool,
-                 num_train_steps: int):
+                 num_train_steps: int, steps: int = 8, batch: int = 512, warmup: int = 4, max_grad_norm: float = 10.0):
         self.estimator, self.alpha = estimator, alpha
+        self.steps, self.batch, self.warmup, self.max_grad_norm = steps, batch, warmup, max_grad_norm
         self.net = SoftCritic(policy.sample_shape, hidden=hidden, num_layers=layers, x0_input=x0_input,
                               num_train_steps=num_train_steps).to(policy._device())
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
@@ -106,8 +133,14 @@ class CriticValue:
                for s in range(0, flat.shape[0], chunk)]
         return torch.cat(out).reshape(states.shape)
 
-    def __call__(self, policy, x_next, k_next, cond, reward) -> tuple[torch.Tensor, int]:
+    def __call__(self, policy, x_next, k_next, cond, reward, generator=None) -> tuple[torch.Tensor, int]:
         return self.net(*self._inputs(policy, x_next, k_next, cond)), 0
+
+    def update(self, policy, buffer, generator: torch.Generator) -> dict[str, float]:
+        return {"critic_loss": self.fit(policy, buffer, self.steps, self.batch, generator, self.max_grad_norm)}
+
+    def to(self, device) -> None:
+        self.net.to(device)
 
     def fit(self, policy, buffer, steps: int, batch: int, generator: torch.Generator, max_grad_norm: float) -> float:
         """``steps`` Adam steps of the MSE to the soft returns on ``batch`` pairs (chain, k in 0..T) drawn

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sqdf.diffusion.mixture import GaussianMixture, QuadraticReward, tilt_mixture
-from sqdf.diffusion.soft_value import exact_soft_value, mixture_posterior, monte_carlo_soft_value, noised_mixture
+from sqdf.diffusion.soft_value import exact_soft_value, mixture_posterior, monte_carlo_soft_value
 from sqdf.errors import ConfigError
 
 ALPHA = 0.7
@@ -22,7 +22,7 @@ def _quadrature_soft_value(base: GaussianMixture, reward, alpha, x, s, n):
     lik = -0.5 * ((x[:, None] - s * grid[None]) / n) ** 2 - math.log(n * math.sqrt(2 * math.pi))  # [B, G]
     joint = log_prior[None] + lik + reward(grid[:, None])[None] / alpha
     log_num = torch.logsumexp(joint, dim=1) + math.log(dx)
-    return alpha * (log_num - noised_mixture(base, s, n).log_prob(x[:, None]))
+    return alpha * (log_num - base.noised_at(s, n).log_prob(x[:, None]))
 
 
 def test_gaussian_base_quadratic_reward_matches_the_closed_form():

@@ -61,8 +61,25 @@ class GaussianMixture:
     def noised(self, abar: float | torch.Tensor) -> "GaussianMixture":
         """The marginal of x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps when x_0 follows this mixture."""
         a = torch.as_tensor(abar, dtype=torch.float64)
+        return self.noised_at(a.sqrt(), (1 - a).sqrt())
+
+    def noised_at(self, signal: float | torch.Tensor, noise: float | torch.Tensor) -> "GaussianMixture":
+        """The law of x_t = signal x_0 + noise eps (any schedule: VP, flow): means s m_k, covs s^2 S_k + n^2 I."""
+        s = torch.as_tensor(signal, dtype=torch.float64)
+        n = torch.as_tensor(noise, dtype=torch.float64)
         eye = torch.eye(self.dim, dtype=torch.float64)
-        return GaussianMixture(a.sqrt() * self.means, a * self.covs + (1 - a) * eye, self.weights.clone())
+        return GaussianMixture(s * self.means, s * s * self.covs + n * n * eye, self.weights.clone())
+
+    def noised_log_prob(self, x: torch.Tensor, signal: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """log p_t(x_b) [B] with each sample at its own level (signal [B], noise [B]): the components
+        N(s_b m_k, s_b^2 S_k + n_b^2 I), batched over samples and components. Differentiable in x."""
+        x64 = x.flatten(1).to(torch.float64)
+        s = torch.as_tensor(signal, dtype=torch.float64, device=x64.device).reshape(-1, 1, 1)
+        n = torch.as_tensor(noise, dtype=torch.float64, device=x64.device).reshape(-1, 1, 1)
+        eye = torch.eye(self.dim, dtype=torch.float64, device=x64.device)
+        means = s * self.means.to(x64.device)[None]  # [B, K, d]
+        covs = (s * s)[..., None] * self.covs.to(x64.device)[None] + (n * n)[..., None] * eye  # [B, K, d, d]
+        return torch.logsumexp(_component_log_probs(x64, means, covs, self.weights), dim=1)
 
     def component_log_probs(self, x: torch.Tensor) -> torch.Tensor:
         """log w_k + log N(x; m_k, S_k) for x [B, d]; returns [B, K] in x's dtype."""
@@ -89,15 +106,18 @@ class GaussianMixture:
 
 
 def _component_log_probs(x, means, covs, weights) -> torch.Tensor:
+    """log w_k + log N(x_b; m_k, S_k), [B, K], for means [K, d] and covs [K, d, d] shared by the batch, or
+    per-sample [B, K, d] and [B, K, d, d]."""
     dt = x.dtype
     x64 = x.to(torch.float64)
-    d = means.shape[1]
-    chol = torch.linalg.cholesky(covs.to(x64.device))  # [K, d, d]
-    diff = x64[:, None, :] - means.to(x64.device)[None]  # [B, K, d]
-    sol = torch.linalg.solve_triangular(chol[None].expand(x64.shape[0], -1, -1, -1), diff[..., None], upper=False)
+    d = means.shape[-1]
+    chol = torch.linalg.cholesky(covs.to(x64.device))  # [(B,) K, d, d]
+    diff = x64[:, None, :] - means.to(x64.device)  # [B, K, d]
+    chol = chol.expand(x64.shape[0], *chol.shape[-3:])
+    sol = torch.linalg.solve_triangular(chol, diff[..., None], upper=False)
     maha = (sol[..., 0] ** 2).sum(-1)
     logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-    out = torch.log(weights.to(x64.device))[None] - 0.5 * (maha + logdet[None] + d * math.log(2 * math.pi))
+    out = torch.log(weights.to(x64.device))[None] - 0.5 * (maha + logdet + d * math.log(2 * math.pi))
     return out.to(dt)
 
 

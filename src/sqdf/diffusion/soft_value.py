@@ -31,34 +31,12 @@ from ..errors import ConfigError
 from .mixture import GaussianMixture
 
 
-def noised_mixture(base: GaussianMixture, signal: float, noise: float) -> GaussianMixture:
-    """The law of x_t = signal x_0 + noise eps for x_0 ~ base (eps standard normal): means s m_k, covs s^2 S_k + n^2 I."""
-    s, n = float(signal), float(noise)
-    eye = torch.eye(base.dim, dtype=torch.float64)
-    return GaussianMixture(s * base.means, s * s * base.covs + n * n * eye, base.weights.clone())
-
-
-def _check_level(signal: float, noise: float) -> None:
-    if not (signal > 0 and noise >= 0 and math.isfinite(signal) and math.isfinite(noise)):
-        raise ConfigError(f"noise level (signal={signal}, noise={noise}) must have signal > 0 and noise >= 0")
-
-
-def noised_log_prob(mixture: GaussianMixture, x: torch.Tensor, signal: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """log p_t(x_b) [B] of the noised mixture at each sample's own level (signal [B], noise [B]), x [B, d]: every
-    component N(s_b m_k, s_b^2 S_k + n_b^2 I), batched over samples and components. Differentiable in x."""
-    x64 = x.flatten(1).to(torch.float64)
-    s = torch.as_tensor(signal, dtype=torch.float64, device=x64.device).reshape(-1, 1, 1, 1)
-    n = torch.as_tensor(noise, dtype=torch.float64, device=x64.device).reshape(-1, 1, 1, 1)
-    d = mixture.dim
-    eye = torch.eye(d, dtype=torch.float64, device=x64.device)
-    covs = s * s * mixture.covs.to(x64.device)[None] + n * n * eye  # [B, K, d, d]
-    chol = torch.linalg.cholesky(covs)
-    diff = x64[:, None, :] - s[..., 0] * mixture.means.to(x64.device)[None]  # [B, K, d]
-    sol = torch.linalg.solve_triangular(chol, diff[..., None], upper=False)[..., 0]
-    maha = (sol**2).sum(-1)
-    logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-    comp = torch.log(mixture.weights.to(x64.device))[None] - 0.5 * (maha + logdet + d * math.log(2 * math.pi))
-    return torch.logsumexp(comp, dim=1)
+def _check_level(signal, noise) -> None:
+    s, n = torch.as_tensor(signal, dtype=torch.float64), torch.as_tensor(noise, dtype=torch.float64)
+    if not (bool((s > 0).all()) and bool((n >= 0).all()) and bool(torch.isfinite(s).all())
+            and bool(torch.isfinite(n).all())):
+        raise ConfigError(f"noise levels must have signal > 0 and noise >= 0 (got signal {float(s.min()):.3g}.., "
+                          f"noise {float(n.min()):.3g}..)")
 
 
 def exact_soft_value(base: GaussianMixture, target: GaussianMixture, log_z: float, alpha: float, x: torch.Tensor,
@@ -66,12 +44,10 @@ def exact_soft_value(base: GaussianMixture, target: GaussianMixture, log_z: floa
     """V*(x, t) [B] for states x [B, d] at the level (signal, noise) (numbers, or [B] tensors: one level per
     sample), given the tilted target mixture p* and log Z = log E_ref[exp(r/alpha)]. At noise 0 it equals
     r(x / signal)."""
+    _check_level(signal, noise)
     s = torch.as_tensor(signal, dtype=torch.float64).reshape(-1).expand(x.shape[0])
     n = torch.as_tensor(noise, dtype=torch.float64).reshape(-1).expand(x.shape[0])
-    if not (bool((s > 0).all()) and bool((n >= 0).all())):
-        raise ConfigError(f"noise levels must have signal > 0 and noise >= 0 (got signal {s.min():.3g}.., "
-                          f"noise {n.min():.3g}..)")
-    v = log_z + noised_log_prob(target, x, s, n) - noised_log_prob(base, x, s, n)
+    v = log_z + target.noised_log_prob(x, s, n) - base.noised_log_prob(x, s, n)
     return (alpha * v).to(x.dtype)
 
 
@@ -92,7 +68,7 @@ def mixture_posterior(base: GaussianMixture, x: torch.Tensor, signal: float,
     prior_term = torch.einsum("kij,kj->ki", prec, base.means.to(x64.device))  # [K, d]
     h = prior_term[None] + (s / (n * n)) * x64[:, None, :]  # [B, K, d]
     means = torch.einsum("kij,bkj->bki", post_cov, h)
-    log_w = torch.log_softmax(noised_mixture(base, s, n).component_log_probs(x64), dim=1)
+    log_w = torch.log_softmax(base.noised_at(s, n).component_log_probs(x64), dim=1)
     return log_w, means, torch.linalg.cholesky(post_cov)
 
 

@@ -174,7 +174,7 @@ def _resume(args) -> int:
         if args.steps < trainer.iteration:
             raise SqdfError(f"--steps {args.steps} is below the {trainer.iteration} iterations already done")
         trainer.config.set("trainer.steps", args.steps)
-        trainer._write_config()
+        trainer.write_config()
     summary = trainer.train()
     _report(summary, args.run_dir)
     return 0

@@ -132,7 +132,7 @@ class BestOfNRun:
 
         write_saved(self.out_dir, self.task_name, self.method_name, self.bb, best_of=self.n)
         os.makedirs(self.trainer.out_dir, exist_ok=True)
-        self.trainer._write_config()  # the base model's settings, read back by resume
+        self.trainer.write_config()  # the base model's settings, read back by resume
         device, n = self.trainer.device, self.n
         bounds = group_boundaries(self.bb.round_sizes(), n)
         g = torch.Generator(device=device).manual_seed(self.bb.seed * 7919 + 17)

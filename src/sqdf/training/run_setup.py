@@ -96,6 +96,14 @@ def default_config(method: str, task: str | None = None) -> RunConfig:
     return config
 
 
+def write_run_config(run_dir: str, task_name: str, method_name: str, config: RunConfig) -> None:
+    """DIR/config.yaml: the task and method names and the resolved config, atomically (``read_run_config`` reads it)."""
+    from .checkpoint import atomic_write_text
+
+    data = {"task_name": task_name, "method_name": method_name, "config": config.to_dict()}
+    atomic_write_text(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(data, sort_keys=False))
+
+
 def read_run_config(run_dir: str) -> tuple[str, str, RunConfig]:
     """(task name, method name, resolved RunConfig) from a run directory's config.yaml, with clear errors."""
     path = os.path.join(run_dir, "config.yaml")

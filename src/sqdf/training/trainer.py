@@ -16,13 +16,13 @@ import random
 import time
 
 import torch
-import yaml
 
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..evaluation.metrics import objective_terms
 from ..methods import IterationContext, Method, Rollout
 from ..methods.base import lr_factor
+from . import run_files
 from .checked_reward import CheckedReward
 from .checkpoint import atomic_write_text, load_latest_checkpoint, save_checkpoint
 from .run_setup import (
@@ -33,6 +33,7 @@ from .run_setup import (
     method_class,
     read_run_config,
     trainable_state,
+    write_run_config,
 )
 
 
@@ -139,11 +140,11 @@ class Trainer:
         self._start = time.time()
         resumed = self.iteration > 0
         if resumed:
-            _truncate_metrics(self._metrics_path(), self.iteration)
+            run_files.truncate_metrics(self.out_dir, self.iteration)
         else:
-            self._write_config()
-            if os.path.exists(self._metrics_path()):
-                os.remove(self._metrics_path())
+            self.write_config()
+            if os.path.exists(run_files.metrics_path(self.out_dir)):
+                os.remove(run_files.metrics_path(self.out_dir))
         if tcfg.tensorboard and self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -335,46 +336,30 @@ class Trainer:
             if self.method.trains:
                 model = self.accelerator.unwrap_model(self.policy.model)
                 self.task.export_model(model, os.path.join(self.out_dir, "model.safetensors"))
-            self._save_samples()
+            if getattr(self, "_last_samples", None) is not None:
+                run_files.save_samples(self.out_dir, self._last_samples)
             self._plot_curves()
         return summary
-
-    def _save_samples(self) -> None:
-        """The final evaluation's samples as DIR/samples.safetensors (key 'samples', [n, *shape] float32)."""
-        from safetensors.torch import save_file
-
-        samples = getattr(self, "_last_samples", None)
-        if samples is None:
-            return
-        path = os.path.join(self.out_dir, "samples.safetensors")
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file({"samples": samples.detach().to(torch.float32).cpu().contiguous()}, tmp)
-        os.replace(tmp, path)
 
     def _plot_curves(self) -> None:
         from ..evaluation.plots import plot_curves
 
-        rows = [json.loads(line) for line in open(self._metrics_path())]
-        plot_curves([r for r in rows if r.get("kind") == "eval"], os.path.join(self.out_dir, "plots", "curves.png"),
+        plot_curves(run_files.eval_rows(self.out_dir), os.path.join(self.out_dir, "plots", "curves.png"),
                     f"{self.method_name} on {self.task_name}")
 
     def _log(self, row: dict) -> None:
         if not self.accelerator.is_main_process:
             return
-        with open(self._metrics_path(), "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        run_files.append_row(self.out_dir, row)
         if self._tb is not None:
             prefix = row["kind"]
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "iteration" and math.isfinite(value):
                     self._tb.add_scalar(f"{prefix}/{key}", value, row["iteration"])
 
-    def _metrics_path(self) -> str:
-        return os.path.join(self.out_dir, "metrics.jsonl")
-
-    def _write_config(self) -> None:
-        data = {"task_name": self.task_name, "method_name": self.method_name, "config": self.config.to_dict()}
-        atomic_write_text(os.path.join(self.out_dir, "config.yaml"), yaml.safe_dump(data, sort_keys=False))
+    def write_config(self) -> None:
+        """DIR/config.yaml with the current config (``run_setup.write_run_config``)."""
+        write_run_config(self.out_dir, self.task_name, self.method_name, self.config)
 
     def _wall_seconds(self) -> float:
         return self.elapsed_before + (time.time() - getattr(self, "_start", time.time()))
@@ -383,20 +368,3 @@ class Trainer:
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _truncate_metrics(path: str, iteration: int) -> None:
-    """Drop rows logged after ``iteration`` (written after the checkpoint being resumed)."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as fh:
-        for line in fh:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut by the kill
-            if row.get("iteration", 0) > iteration:
-                break
-            keep.append(line if line.endswith("\n") else line + "\n")
-    atomic_write_text(path, "".join(keep))

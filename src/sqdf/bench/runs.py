@@ -156,8 +156,10 @@ def plan_runs(tasks, methods, seeds: int, queries: int, eval_samples: int, overr
     return specs
 
 
-def load_row(run_dir: str) -> dict:
-    """A finished run's result row: its summary.json, "curve" (from metrics.jsonl) and "run_dir"."""
+def load_row(spec: RunSpec) -> dict:
+    """A finished run's result row: its summary.json, "curve" (from metrics.jsonl), "run_dir", and the spec's task
+    label as "task" (TASK@ALPHA for a KL-weight variant; summary.json names the base task)."""
+    run_dir = spec.run_dir
     with open(os.path.join(run_dir, "summary.json")) as fh:
         row = json.load(fh)
     eval_rows = []
@@ -167,6 +169,7 @@ def load_row(run_dir: str) -> dict:
             eval_rows = [r for r in map(json.loads, filter(str.strip, fh)) if r.get("kind") == "eval"]
     row["curve"] = curve_of(eval_rows)
     row["run_dir"] = run_dir
+    row["task"] = spec.task
     return row
 
 
@@ -182,7 +185,7 @@ def run_one(spec: RunSpec) -> dict:
         config = default_config(spec.method)
         config.update(spec.config)
         Trainer(task_variant(spec.task)[0], spec.method, config, spec.run_dir).train()
-        return {**load_row(spec.run_dir), "task": spec.task}
+        return load_row(spec)
     except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the bench goes on
         os.makedirs(spec.run_dir, exist_ok=True)
         with open(os.path.join(spec.run_dir, "error.txt"), "w") as fh:
@@ -255,7 +258,7 @@ def run_bench(tasks=None, methods=None, queries: int = DEFAULT_QUERIES, seeds: i
     todo = [s for s in specs if s not in done]
     rows_by_spec = {}
     for spec in done:
-        rows_by_spec[spec] = {**load_row(spec.run_dir), "task": spec.task}
+        rows_by_spec[spec] = load_row(spec)
         differences = _saved_config_differences(spec)
         if differences:
             log(f"sqdf bench: warning: reused {spec.run_dir} was made with other settings ({'; '.join(differences)});"

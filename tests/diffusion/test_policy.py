@@ -94,11 +94,11 @@ def test_trajectory_kls_and_log_probs_after_perturbation():
             m_ref = policy.step_mean(x, k, which="reference")
             s = float(sigmas[k])
             kl = ((m_pol - m_ref) ** 2).sum(1) / (2 * s * s)
-            torch.testing.assert_close(traj.kls[:, k], kl, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(traj.kls[:, k], kl, rtol=1e-4, atol=1e-6, check_dtype=False)
             lp = Normal(m_pol, s).log_prob(x_next).sum(1)
             lp_ref = Normal(m_ref, s).log_prob(x_next).sum(1)
-            torch.testing.assert_close(traj.log_probs[:, k], lp, rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(traj.ref_log_probs[:, k], lp_ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(traj.log_probs[:, k], lp, rtol=1e-4, atol=1e-4, check_dtype=False)
+            torch.testing.assert_close(traj.ref_log_probs[:, k], lp_ref, rtol=1e-4, atol=1e-4, check_dtype=False)
     torch.testing.assert_close(traj.path_kl, traj.kls.sum(1))
 
 
@@ -113,9 +113,9 @@ def test_sampling_with_the_reference_matches_reference_chain():
             m_ref = policy.step_mean(x, k, which="reference")
             s = policy.sigma(k)
             torch.testing.assert_close(traj.kls[:, k], ((m_pol - m_ref) ** 2).sum(1) / (2 * s * s),
-                                       rtol=1e-4, atol=1e-6)
+                                       rtol=1e-4, atol=1e-6, check_dtype=False)
             torch.testing.assert_close(traj.ref_log_probs[:, k], Normal(m_ref, s).log_prob(traj.states[:, k + 1]).sum(1),
-                                       rtol=1e-4, atol=1e-4)
+                                       rtol=1e-4, atol=1e-4, check_dtype=False)
 
 
 def test_step_mean_is_the_ddpm_posterior_mean_at_eta_one():
@@ -199,7 +199,7 @@ def test_step_kl_is_scaled_mean_distance():
     m1, m2 = torch.randn(3, D, generator=g), torch.randn(3, D, generator=g)
     k = torch.tensor([0, 4, 9])
     s = policy.schedule.sigmas[k].float()
-    torch.testing.assert_close(policy.step_kl(m1, m2, k), ((m1 - m2) ** 2).sum(1) / (2 * s**2))
+    torch.testing.assert_close(policy.step_kl(m1, m2, k), ((m1 - m2) ** 2).sum(1) / (2 * s**2), check_dtype=False)
 
 
 # ---- exact-score and residual denoisers ----------------------------------------------------------------------

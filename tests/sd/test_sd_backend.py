@@ -105,11 +105,13 @@ def test_sdxl_and_flow_presets_train(sd_run, task):
         assert bool((trainer.policy._sigmas > 0).all())
 
 
+@pytest.mark.parametrize("lora_alpha", [None, 8.0])
 @pytest.mark.parametrize("task", ["sd15-aesthetic", "sdxl-aesthetic", "sd3-aesthetic"])
-def test_saved_lora_loads_into_a_diffusers_pipeline(sd_run, tiny_pipes, task):
+def test_saved_lora_loads_into_a_diffusers_pipeline(sd_run, tiny_pipes, task, lora_alpha):
+    """The exported adapter, loaded in a fresh pipeline, is the trained model, also at alpha != rank (scale 2)."""
     from diffusers import DiffusionPipeline
 
-    trainer = sd_run(task, "alignprop")
+    trainer = sd_run(task, "alignprop", **{"task.lora_rank": 4, "task.lora_alpha": lora_alpha})
     trainer.train()
     net = trainer.task.denoiser.net
     _perturb_lora(net, seed=3)  # nonzero B so that the check cannot pass with an empty adapter

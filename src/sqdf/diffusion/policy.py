@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .schedule import NoiseSchedule, gaussian_kl, gaussian_log_prob, prediction_to_eps_and_x0
+from .schedule import NoiseSchedule, accumulation_dtype, gaussian_kl, gaussian_log_prob, prediction_to_eps_and_x0
 
 
 @dataclass
@@ -160,6 +160,11 @@ class DiffusionPolicy(nn.Module):
         """Per-sample std of step k (int or [B]) shaped [B, 1, ..., 1] like x."""
         return self._bcast(self._sigmas, self._levels(x, k), x)
 
+    def _exact_sigma(self, x: torch.Tensor, k) -> torch.Tensor:
+        """Per-sample std of step k as [B] in the log-probs' accumulation dtype (float64: the rollout's and a
+        re-scoring's log-probs then use the same, unrounded sigma)."""
+        return self._sigmas.to(accumulation_dtype(x)).to(x.device)[self._levels(x, k).to(x.device)]
+
     def predict(
         self, x: torch.Tensor, k, cond: torch.Tensor | None = None, which: str = "policy"
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,12 +254,11 @@ class DiffusionPolicy(nn.Module):
         self, x: torch.Tensor, x_next: torch.Tensor, k, cond: torch.Tensor | None = None, which: str = "policy"
     ) -> torch.Tensor:
         """log N(x_next; mean_k(x), sigma_k^2 I) of the chosen network, [B]; differentiable in its parameters."""
-        mean, std = self.step_distribution(x, k, cond, which)
-        return gaussian_log_prob(x_next, mean, std)
+        return gaussian_log_prob(x_next, self.step_mean(x, k, cond, which), self._exact_sigma(x, k))
 
     def step_kl(self, mean: torch.Tensor, ref_mean: torch.Tensor, k) -> torch.Tensor:
         """Exact KL(policy step || reference step) = ||mean - ref_mean||^2 / (2 sigma_k^2), [B]."""
-        s = self.sigma_of(mean, k)
+        s = self._exact_sigma(mean, k)
         if bool((s <= 0).any()):
             raise ConfigError("the step KL is undefined for a deterministic step (eta = 0); use eta > 0")
         return gaussian_kl(mean, s, ref_mean, s)

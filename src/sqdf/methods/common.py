@@ -1,8 +1,37 @@
-"""Helpers several methods share: flattening chains into transitions, condition keys."""
+"""Helpers several methods share: flattening chains into transitions, condition keys, the log-ratio convention."""
 
 from __future__ import annotations
 
 import torch
+
+from ..errors import ConfigError
+
+LOG_RATIOS = ("mean", "sum")
+LOG_RATIO_HELP = (
+    "unit of the per-step log-ratio log pi_theta - log pi_old that the clip bounds: 'mean' divides it by the sample's "
+    "dimension d (per-dimension ratio; ddpo-pytorch's and TRL's convention, the one their clip values are set for; "
+    "the bound means the same at every size); 'sum' is the transition's full log-ratio, d times larger (at SD1.5's "
+    "d = 16,384 a 1e-4 bound on it clips nearly every transition after one gradient step)")
+
+
+def check_log_ratio(value: str) -> None:
+    if value not in LOG_RATIOS:
+        raise ConfigError(f"method.log_ratio={value!r} must be one of {LOG_RATIOS} ('mean': per dimension)")
+
+
+def step_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, dim: int, convention: str) -> torch.Tensor:
+    """Per-step log-ratio in the clip's unit: (log_prob - old_log_prob) / dim for 'mean', unscaled for 'sum'.
+    log_prob, old_log_prob [...] summed over a sample's ``dim`` dimensions (float64 sums: see gaussian_log_prob)."""
+    diff = log_prob - old_log_prob
+    return diff / dim if convention == "mean" else diff
+
+
+def sample_dim(policy) -> int:
+    """Number of dimensions d of one sample of ``policy`` (its ``sample_shape``)."""
+    d = 1
+    for size in policy.sample_shape:
+        d *= size
+    return d
 
 
 def condition_keys(cond: torch.Tensor | None, n: int) -> list:

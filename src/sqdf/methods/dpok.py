@@ -8,7 +8,9 @@ draw ``pairs_per_step`` (chain, step k) transitions of the batch and minimize
 with A = r - V(x_k, k) (V detached in A), ratio = pi_theta / pi_old of the stored transition, and KL_k the exact
 Gaussian KL of the policy's step to the reference's step at x_k (differentiated directly, as in DPOK's
 KL-regularized update). The value network has its own learning rate. Each batch is used for the inner steps only
-(on-policy with clipped importance ratios, as PPO); DPOK's official code also replays older batches.
+(on-policy with clipped importance ratios, as PPO); DPOK's official code also replays older batches. The ratio is
+the transition's full one by default (``log_ratio="sum"``; log-probs summed in float64, so re-scoring a transition
+in another batch layout leaves it at 1 to ~1e-11 even at d = 16,384); ``"mean"`` clips the per-dimension ratio.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..diffusion.schedule import gaussian_log_prob
 from ..errors import ConfigError
 from ..models.value import ValueMLP
 from .base import IterationContext, MethodConfig, ValueHeadMethod
+from .common import LOG_RATIO_HELP, check_log_ratio, sample_dim, step_log_ratio
 from .ddpo import ppo_clip_loss
 
 
@@ -33,7 +36,9 @@ class DPOKConfig(MethodConfig):
     beta: float | None = option(None, "weight of the per-step KL penalty; None: the task's alpha")
     inner_steps: int = option(4, "gradient steps per sampled batch")
     pairs_per_step: int = option(1024, "(chain, step) transitions per gradient step")
-    clip_range: float = option(1e-2, "clip eps on the importance ratio pi_theta / pi_old")
+    clip_range: float = option(1e-2, "clip eps on the importance ratio pi_theta / pi_old (in method.log_ratio's "
+                               "unit)")
+    log_ratio: str = option("sum", LOG_RATIO_HELP + "; DPOK's default 'sum' bounds the full transition ratio")
     value_lr: float = option(1e-3, "learning rate of the value network")
     value_coef: float = option(1.0, "weight of the value regression loss")
     value_hidden: int = option(128, "width of the value MLP")
@@ -47,6 +52,7 @@ class DPOKConfig(MethodConfig):
                 raise ConfigError(f"method.{name}={getattr(self, name)} must be >= 1")
         if not self.clip_range > 0:
             raise ConfigError(f"method.clip_range={self.clip_range} must be > 0")
+        check_log_ratio(self.log_ratio)
         if not self.value_lr > 0:
             raise ConfigError(f"method.value_lr={self.value_lr} must be > 0")
 
@@ -69,9 +75,7 @@ class DPOK(ValueHeadMethod):
     def __init__(self, config: DPOKConfig, policy, alpha: float):
         super().__init__(config, policy, alpha)
         self.beta = alpha if config.beta is None else config.beta
-        numel = 1
-        for size in policy.sample_shape:
-            numel *= size
+        numel = sample_dim(policy)
         cond_dim = getattr(policy.model, "cond_dim", 0)
         self.value = ValueMLP(numel, config.value_hidden, num_train_steps=policy.num_steps, cond_dim=cond_dim)
 
@@ -91,7 +95,8 @@ class DPOK(ValueHeadMethod):
             mean, std = self.policy.step_distribution(x, k, cond)
             with torch.no_grad():
                 ref_mean = self.policy.step_mean(x, k, cond, "reference")
-            log_ratio = gaussian_log_prob(x_next, mean, std) - traj.log_probs[chain, k]
+            log_ratio = step_log_ratio(gaussian_log_prob(x_next, mean, std), traj.log_probs[chain, k],
+                                       sample_dim(self.policy), cfg.log_ratio)
             kl = self.policy.step_kl(mean, ref_mean, k)
             values = self.value(x, k, cond)
             loss, _ = dpok_loss(log_ratio, roll.rewards[chain].to(values.dtype), values, kl, self.beta,

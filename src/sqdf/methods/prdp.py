@@ -8,7 +8,8 @@ all G-choose-2 pairs (a, b) of every group:
     e(a, b)  = (r_hat(a) - r_hat(b) - (r(a) - r(b)) / beta)^2
     L        = mean max(e, e_clipped),
 
-where e_clipped uses per-step log-ratios clipped to [old - eps, old + eps] (old: the sampling policy's).
+where e_clipped uses per-step log-ratios clipped to [old - eps, old + eps] (old: the sampling policy's; eps in
+the unit of ``log_ratio``: the full step log-ratio, or per dimension, eps * d on it; log-probs summed in float64).
 At zero loss r_hat = r / beta + const per condition: with beta = alpha that is the optimum of
 E[r] - alpha KL, so ``beta`` defaults to the task's alpha.
 """
@@ -22,7 +23,7 @@ import torch
 from ..config import option
 from ..errors import ConfigError
 from .base import IterationContext, Method, MethodConfig
-from .common import repeat_cond, transition_batch
+from .common import LOG_RATIO_HELP, check_log_ratio, repeat_cond, sample_dim, transition_batch
 
 REDUCTIONS = ("sum", "mean")
 
@@ -37,6 +38,8 @@ class PRDPConfig(MethodConfig):
     beta: float | None = option(None, "reward scale: targets are reward differences / beta; None: task alpha")
     clip_eps: float = option(1e-2, "proximal clip of each per-step log-ratio around the sampling policy's")
     reduction: str = option("sum", "r_hat over steps: 'sum' (the path log-ratio) or 'mean' (the JAX code)")
+    log_ratio: str = option("sum", LOG_RATIO_HELP + "; here the unit of clip_eps only (r_hat is always the full "
+                            "log-ratio, which the reward difference / beta targets); default 'sum'")
 
     def validate(self) -> None:
         super().validate()
@@ -51,6 +54,7 @@ class PRDPConfig(MethodConfig):
             raise ConfigError(f"method.beta={self.beta} must be > 0 (or None for the task's alpha)")
         if not self.clip_eps > 0:
             raise ConfigError(f"method.clip_eps={self.clip_eps} must be > 0")
+        check_log_ratio(self.log_ratio)
         if self.reduction not in REDUCTIONS:
             raise ConfigError(f"method.reduction={self.reduction!r} must be one of {REDUCTIONS}")
 
@@ -102,11 +106,12 @@ class PRDP(Method):
         old = traj.log_probs - ref_lp
         rewards = roll.rewards.to(old.dtype)
         pairs = pair_indices(groups, cfg.group_size, device=old.device)
+        eps = cfg.clip_eps * (sample_dim(self.policy) if cfg.log_ratio == "mean" else 1)
         self.policy.train()
         losses, grad_norms = [], []
         for _ in range(cfg.inner_steps):
             log_probs = self.policy.step_log_prob(x, x_next, k, flat_cond).view(B, T)
-            loss = prdp_loss(log_probs - ref_lp, old, rewards, pairs, self.beta, cfg.clip_eps, cfg.reduction)
+            loss = prdp_loss(log_probs - ref_lp, old, rewards, pairs, self.beta, eps, cfg.reduction)
             stats = ctx.optimizer_step(loss)
             losses.append(float(loss.detach()))
             grad_norms.append(stats["grad_norm"])

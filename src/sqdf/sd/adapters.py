@@ -138,15 +138,26 @@ def diffusers_lora_layers(net: nn.Module, transformer: bool = False) -> dict[str
     return state if transformer else convert_state_dict_to_diffusers(state)
 
 
+def policy_lora_metadata(net: nn.Module) -> dict:
+    """The ``policy`` adapter's peft config (rank ``r``, ``lora_alpha``, ``target_modules``, ...) as a plain dict:
+    what diffusers needs to rebuild the adapter at its trained scale alpha / rank instead of assuming alpha = rank."""
+    config = net.peft_config[POLICY_ADAPTER].to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
 def save_lora(pipeline_class, net: nn.Module, directory: str, transformer: bool = False) -> str:
     """Write the ``policy`` adapter to ``directory/pytorch_lora_weights.safetensors`` with the pipeline class's
-    own ``save_lora_weights`` (so ``pipe.load_lora_weights(directory)`` reads it); returns the file path."""
+    own ``save_lora_weights`` (so ``pipe.load_lora_weights(directory)`` reads it), with the adapter's metadata
+    (rank, alpha, target modules) in the file's header, so the loaded adapter has the trained scale alpha / rank
+    whatever alpha was; returns the file path."""
     import os
 
     layers = diffusers_lora_layers(net, transformer)
-    key = "transformer_lora_layers" if transformer else "unet_lora_layers"
+    prefix = "transformer" if transformer else "unet"
     tmp = f"{directory}.tmp{os.getpid()}"
-    pipeline_class.save_lora_weights(tmp, **{key: layers}, safe_serialization=True)
+    pipeline_class.save_lora_weights(tmp, **{f"{prefix}_lora_layers": layers,
+                                             f"{prefix}_lora_adapter_metadata": policy_lora_metadata(net)},
+                                     safe_serialization=True)
     if os.path.isdir(directory):
         import shutil
 

@@ -356,7 +356,7 @@ def test_flow_prediction_inverts_the_interpolant():
 def test_flow_schedule_grid_and_stds():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    fs = FlowMatchSchedule(num_inference_steps=8, eta=1.0, shift=3.0)
+    fs = FlowMatchSchedule(num_inference_steps=8, eta=1.0, shift=3.0, step="ddim")
     assert fs.num_steps == 8 and fs.timesteps[0] == pytest.approx(1000.0)
     assert fs.timesteps[-1] == pytest.approx(1000 * 3e-3 / (1 + 2e-3))  # shifted 1/1000
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)  # diffusers' shift formula on the same unshifted times

@@ -84,7 +84,7 @@ def with_steps(policy: DiffusionPolicy, num_steps: int) -> DiffusionPolicy:
     if isinstance(schedule, NoiseSchedule):
         new = NoiseSchedule(schedule.config, num_steps, schedule.eta, clip_sample=schedule.clip_sample)
     elif isinstance(schedule, FlowMatchSchedule):
-        new = FlowMatchSchedule(num_steps, schedule.eta, schedule.shift, schedule.num_train_steps)
+        new = FlowMatchSchedule(num_steps, schedule.eta, schedule.shift, schedule.num_train_steps, schedule.step)
     else:
         raise ConfigError(f"with_steps supports NoiseSchedule and FlowMatchSchedule policies, not "
                           f"{type(schedule).__name__} (e.g. RLCM's consistency sampler); evaluate that method with "

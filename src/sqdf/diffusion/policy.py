@@ -85,8 +85,11 @@ class DiffusionPolicy(nn.Module):
         self._signal = schedule.signal.to(torch.float64)
         self._noise = schedule.noise.to(torch.float64)
         self._sigmas = schedule.sigmas.to(torch.float64)
-        # eps coefficient of each step's mean, sqrt(noise_{k+1}^2 - sigma_k^2), in float64 (no cancellation later)
-        self._eps_coef = (self._noise[1:] ** 2 - self._sigmas**2).clamp(min=0).sqrt()
+        # eps coefficient of each step's mean, in float64: the schedule's own (e.g. the flow SDE step's), else DDIM's
+        # sqrt(noise_{k+1}^2 - sigma_k^2)
+        eps_coefs = getattr(schedule, "eps_coefs", None)
+        self._eps_coef = ((self._noise[1:] ** 2 - self._sigmas**2).clamp(min=0).sqrt() if eps_coefs is None
+                          else torch.as_tensor(eps_coefs, dtype=torch.float64))
         self._timesteps = torch.tensor(schedule.timesteps)  # long for VP grids, float for flow times
 
     # ---- networks -------------------------------------------------------------------------------------------

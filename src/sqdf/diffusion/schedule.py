@@ -248,6 +248,7 @@ class NoiseSchedule:
         self.abar = self.alphas_cumprod[self.timesteps]
         self.signal, self.noise = self.abar.sqrt(), (1 - self.abar).sqrt()
         self.sigmas = ddim_sigma(self.abar[:-1], self.abar[1:], self.eta)
+        self.eps_coefs = (self.noise[1:] ** 2 - self.sigmas**2).clamp(min=0).sqrt()
 
     @property
     def num_steps(self) -> int:
@@ -267,38 +268,74 @@ class NoiseSchedule:
         return torch.round(t_start.to(torch.float64) * (1 - fraction))
 
 
+def flow_sde_coeffs(s: torch.Tensor, noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmas [T], eps_coefs [T]) of Flow-GRPO's SDE step on the flow-time grid s [T + 1] (float64), in the form
+    x' = (1 - s') x0_hat + eps_coef eps_hat + sigma z: its Euler-Maruyama step x' = x - [v + sigma_t^2 / (2 s)
+    (x + (1 - s) v)] (s - s') + sigma_t sqrt(s - s') z, sigma_t = a sqrt(s / (1 - s)), rewritten with
+    x = (1 - s) x0 + s eps and v = eps - x0 (the x0 coefficient is exactly 1 - s')."""
+    s0, s1 = s[:-1], s[1:]
+    one_minus = torch.where(s0 >= 1, (1 - s1[0]).expand_as(s0), 1 - s0)
+    var = noise_level**2 * s0 / one_minus * (s0 - s1)
+    return var.sqrt(), s1 - var / (2 * s0)
+
+
 def shift_flow_time(s: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3's time shift s' = shift s / (1 + (shift - 1) s): more steps at high noise for shift > 1."""
     return shift * s / (1 + (shift - 1) * s)
 
 
+FLOW_STEPS = ("sde", "ddim")
+
+
 class FlowMatchSchedule:
     """A rectified-flow schedule (SD3 / FLUX): ``x_s = (1 - s) x_0 + s eps``, s from 1 (noise) to ``s_min``.
 
-    The grid is T + 1 evenly spaced flow times from 1 to ``1 / num_train_steps``, time-shifted by ``shift``; the
-    model sees timesteps ``1000 s`` (floats). Same attributes as ``NoiseSchedule``: ``timesteps`` (list of T + 1
+    The grid is T + 1 evenly spaced flow times from 1 to ``1 / num_train_steps``, then time-shifted by ``shift``, so
+    the grid ends at s_min = shift / (num_train_steps + shift - 1) (0.003 for shift 3 and 1000 steps, not 1/1000);
+    the model sees timesteps ``1000 s`` (floats). Same attributes as ``NoiseSchedule``: ``timesteps`` (list of T + 1
     floats), ``signal``/``noise``/``abar`` [T + 1] (abar = signal^2 / (signal^2 + noise^2), the VP-equivalent
-    level), ``sigmas`` [T] (DDIM-style stds with ``eta``; every step is stochastic since s_min > 0).
+    level), ``sigmas`` [T] per-step stds and ``eps_coefs`` [T]: every step is
+    x' = (1 - s') x0_hat + eps_coef eps_hat + sigma z, stochastic everywhere since s_min > 0.
+
+    ``step`` picks the coefficients (both first order: the final marginal is off by O(1/T), see
+    ``sqdf.diffusion.marginals``):
+    - ``"sde"`` (default): Flow-GRPO's Euler-Maruyama step of the marginal-preserving reverse SDE with noise level
+      a = ``eta``: sigma^2 = a^2 s (s - s') / (1 - s) (1 - s at s = 1 taken at the next grid time, as Flow-GRPO does)
+      and eps_coef = s' - sigma^2 / (2 s). With the exact velocity on Gaussian data it keeps 3.4 times more of the
+      marginal's variance than DDIM at 28 steps (final-variance error -6.9% at a = 0.7 against DDIM's -23%).
+    - ``"ddim"``: the DDIM step with eta in [0, 1] (sigma = eta times the posterior std given x0_hat, eps_coef =
+      sqrt(s'^2 - sigma^2)); eta = 0 is the deterministic flow ODE (diffusers' Euler step), -12% at 28 steps.
     """
 
     clip_sample = None
 
-    def __init__(self, num_inference_steps: int = 28, eta: float = 1.0, shift: float = 3.0,
-                 num_train_steps: int = 1000):
+    def __init__(self, num_inference_steps: int = 28, eta: float = 0.7, shift: float = 3.0,
+                 num_train_steps: int = 1000, step: str = "sde"):
         if num_inference_steps < 1:
             raise ConfigError(f"num_inference_steps={num_inference_steps} must be >= 1")
-        if not (0.0 <= eta <= 1.0):
-            raise ConfigError(f"eta={eta} must be in [0, 1] (1 = posterior variance, 0 = deterministic flow ODE)")
+        if step not in FLOW_STEPS:
+            raise ConfigError(f"flow step={step!r} must be one of {FLOW_STEPS} ('sde': Flow-GRPO's step)")
+        if step == "ddim" and not (0.0 <= eta <= 1.0):
+            raise ConfigError(f"eta={eta} must be in [0, 1] for the DDIM flow step (1 = posterior variance, 0 = "
+                              "deterministic flow ODE)")
+        if step == "sde" and not eta > 0:
+            raise ConfigError(f"eta={eta} is the SDE step's noise level and must be > 0 (Flow-GRPO uses 0.7); for a "
+                              "deterministic sampler use the 'ddim' flow step with eta 0")
         if not shift > 0:
             raise ConfigError(f"flow shift={shift} must be > 0 (SD3 uses 3.0; 1.0 is no shift)")
-        self.eta, self.shift, self.num_train_steps = float(eta), float(shift), int(num_train_steps)
+        self.eta, self.shift, self.num_train_steps, self.step = float(eta), float(shift), int(num_train_steps), step
         s = shift_flow_time(torch.linspace(1.0, 1.0 / num_train_steps, num_inference_steps + 1,
                                            dtype=torch.float64), shift)
         self.flow_times = s
         self.timesteps = [float(v) for v in (s * 1000).tolist()]
         self.signal, self.noise = 1 - s, s
         self.abar = self.signal**2 / (self.signal**2 + self.noise**2)
-        self.sigmas = ddim_sigma_coeffs(self.signal[:-1], self.noise[:-1], self.signal[1:], self.noise[1:], self.eta)
+        if step == "ddim":
+            self.sigmas = ddim_sigma_coeffs(self.signal[:-1], self.noise[:-1], self.signal[1:], self.noise[1:],
+                                            self.eta)
+            self.eps_coefs = (s[1:] ** 2 - self.sigmas**2).clamp(min=0).sqrt()
+        else:
+            self.sigmas, self.eps_coefs = flow_sde_coeffs(s, self.eta)
 
     @property
     def num_steps(self) -> int:

@@ -103,7 +103,7 @@ TASKS = {
 # Task options that differ from TaskConfig's defaults for a task (its model fixes them), applied first.
 _SD_SAMPLER = {"sd15": {"num_inference_steps": 50, "guidance_scale": 5.0},
                "sdxl": {"num_inference_steps": 50, "guidance_scale": 5.0},
-               "sd3": {"num_inference_steps": 28, "guidance_scale": 7.0}}
+               "sd3": {"num_inference_steps": 28, "guidance_scale": 7.0, "eta": 0.7}}  # Flow-GRPO's noise level
 TASK_DEFAULTS: dict[str, dict] = {
     "digits": {"schedule": "cosine", "num_inference_steps": 20, "clip_sample": 1.0},
     **{name: {"reward": reward, **_SD_SAMPLER[kind]} for name, (kind, reward, _) in SD_TASKS.items()},

@@ -43,6 +43,10 @@ class DiffusersTaskConfig(TaskConfig):
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute denoiser and VAE activations in the backward pass (less memory, more time)"})
     flow_shift: float | None = field(default=None, metadata={"help": "sd3: time shift (None: the scheduler's)"})
+    flow_step: str = field(default="sde", metadata={
+        "help": "sd3: sampler step, 'sde' (Flow-GRPO's SDE step, task.eta its noise level a, 0.7 by default) or "
+                "'ddim' (task.eta in [0, 1]; 0: diffusers' deterministic Euler step); both O(1/T) in the final "
+                "marginal, 'sde' 3x closer at 28 steps (README, Stable Diffusion)"})
     proxy_clip: str | None = field(default=None, metadata={
         "help": "`sqdf blackbox`: local transformers CLIP folder whose image embeddings the proxy reward is fit on "
                 "(None: the CLIP model inside the reward, e.g. the aesthetic scorer's)"})
@@ -106,7 +110,7 @@ class DiffusersTask(Task):
         if self.kind == "sd3":
             shift = self.config.flow_shift if self.config.flow_shift is not None else sc.get("shift", 3.0)
             return FlowMatchSchedule(self.config.num_inference_steps, self.config.eta, shift,
-                                     sc.get("num_train_timesteps", 1000))
+                                     sc.get("num_train_timesteps", 1000), self.config.flow_step)
         cfg = ScheduleConfig(kind=_beta_kind(sc.get("beta_schedule", "scaled_linear")),
                              num_train_steps=sc.get("num_train_timesteps", 1000),
                              beta_start=sc.get("beta_start", 0.00085), beta_end=sc.get("beta_end", 0.012))

@@ -327,3 +327,36 @@ def test_clip_sample_clamps_x0_and_keeps_the_state_identity():
         assert torch.allclose(a**0.5 * x0 + (1 - a) ** 0.5 * eps, x, atol=1e-4)
     with pytest.raises(ConfigError, match="clip_sample"):
         NoiseSchedule(ScheduleConfig(), 10, 1.0, clip_sample=0.0)
+
+
+@pytest.mark.parametrize("mode,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 1.0), ("ddpm", 0.5)])
+def test_clip_sample_modes_match_diffusers_ddim(mode, eta):
+    """'ddim' keeps the network's eps beside the clamped x0 (DDIMScheduler's default); 'ddpm' recomputes eps from
+    the clamped x0 (DDIMScheduler with use_clipped_model_output=True; DDPM's posterior mean at eta 1)."""
+    from diffusers import DDIMScheduler
+
+    from sqdf.diffusion.policy import DiffusionPolicy
+    from sqdf.diffusion.schedule import NoiseSchedule, ScheduleConfig
+    from sqdf.models import MLPDenoiser
+
+    torch.manual_seed(0)
+    grid = list(range(900, -1, -100))
+    schedule = NoiseSchedule(ScheduleConfig(), timesteps=grid, eta=eta, clip_sample=1.0, clip_sample_mode=mode)
+    policy = DiffusionPolicy(MLPDenoiser(dim=3), schedule, (3,))
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                        clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=False)
+    ref.set_timesteps(len(grid))  # 900, 800, ..., 0: each of our steps k is diffusers' step from grid[k]
+    assert ref.timesteps.tolist()[:-1] == grid[:-1]
+    x = 3 * torch.randn(16, 3)
+    for k in (2, 5, 8):
+        t = grid[k]
+        with torch.no_grad():
+            mean = policy.step_mean(x, k)
+            eps_model = policy.model(x, torch.full((16,), t))
+        out = ref.step(eps_model, t, x, eta=eta, use_clipped_model_output=(mode == "ddpm"),
+                       variance_noise=torch.zeros_like(x)).prev_sample
+        a = float(ref.alphas_cumprod[t])
+        assert float((((x - (1 - a) ** 0.5 * eps_model) / a**0.5).abs() > 1).float().mean()) > 0.1  # clamps apply
+        torch.testing.assert_close(mean, out, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="clip_sample_mode='clip'"):
+        NoiseSchedule(ScheduleConfig(), 10, clip_sample=1.0, clip_sample_mode="clip")

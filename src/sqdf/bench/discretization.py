@@ -82,7 +82,8 @@ def with_steps(policy: DiffusionPolicy, num_steps: int) -> DiffusionPolicy:
     Nothing is copied: the new policy shares every module with the old one."""
     schedule = policy.schedule
     if isinstance(schedule, NoiseSchedule):
-        new = NoiseSchedule(schedule.config, num_steps, schedule.eta, clip_sample=schedule.clip_sample)
+        new = NoiseSchedule(schedule.config, num_steps, schedule.eta, clip_sample=schedule.clip_sample,
+                            clip_sample_mode=schedule.clip_sample_mode)
     elif isinstance(schedule, FlowMatchSchedule):
         new = FlowMatchSchedule(num_steps, schedule.eta, schedule.shift, schedule.num_train_steps, schedule.step)
     else:

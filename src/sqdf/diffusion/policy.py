@@ -222,9 +222,10 @@ class DiffusionPolicy(nn.Module):
             )
         eps, x0 = prediction_to_eps_and_x0(pred, x, signal, noise, self.prediction_type)
         clip = self.schedule.clip_sample
-        if clip is not None:  # clamp x0 to the data range and take the eps that goes with it (as DDPM's clip_sample)
+        if clip is not None:  # clamp x0 to the data range; "ddpm": the eps that goes with it, "ddim": the network's
             x0 = x0.clamp(-clip, clip)
-            eps = (x - signal * x0) / noise.clamp(min=1e-12)
+            if getattr(self.schedule, "clip_sample_mode", "ddpm") == "ddpm":
+                eps = (x - signal * x0) / noise.clamp(min=1e-12)
         return eps, x0
 
     def step_mean(self, x: torch.Tensor, k, cond: torch.Tensor | None = None, which: str = "policy") -> torch.Tensor:

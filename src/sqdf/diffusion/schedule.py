@@ -210,12 +210,18 @@ class ScheduleConfig:
             raise ConfigError(f"need 0 < beta_start ({self.beta_start}) < beta_end ({self.beta_end}) < 1")
 
 
+CLIP_SAMPLE_MODES = ("ddpm", "ddim")
+
+
 class NoiseSchedule:
     """A VP schedule (abar over training timesteps) plus an inference grid and DDIM eta.
 
     Holds float64 tensors: ``alphas_cumprod`` [N]; ``timesteps`` (list of T+1 ints); ``abar`` [T+1] at the grid;
     ``sigmas`` [T] per-step std. ``num_steps`` is T. ``clip_sample`` (None or c > 0): the policy clamps its x0
-    predictions to [-c, c] and recomputes eps from them (diffusers' ``clip_sample``), for image data in a range.
+    predictions to [-c, c], for image data in a range; ``clip_sample_mode`` says which eps goes with the clamped x0:
+    ``"ddpm"`` (default) recomputes it from the clamped x0, eps = (x - signal x0) / noise, so the step is DDPM's
+    posterior mean at the clamped x0 (diffusers' ``DDPMScheduler``); ``"ddim"`` keeps the network's eps, as
+    diffusers' ``DDIMScheduler`` does with ``clip_sample=True``. The two agree where no clamp applies.
     """
 
     def __init__(
@@ -225,11 +231,16 @@ class NoiseSchedule:
         eta: float = 1.0,
         timesteps: list[int] | None = None,
         clip_sample: float | None = None,
+        clip_sample_mode: str = "ddpm",
     ):
         config.validate()
         if clip_sample is not None and not clip_sample > 0:
             raise ConfigError(f"clip_sample={clip_sample} must be > 0 (or None for no clipping)")
+        if clip_sample_mode not in CLIP_SAMPLE_MODES:
+            raise ConfigError(f"clip_sample_mode={clip_sample_mode!r} must be one of {CLIP_SAMPLE_MODES} ('ddpm': "
+                              "eps recomputed from the clamped x0; 'ddim': the network's eps, diffusers' DDIM)")
         self.clip_sample = None if clip_sample is None else float(clip_sample)
+        self.clip_sample_mode = clip_sample_mode
         if not (0.0 <= eta <= 1.0):
             raise ConfigError(f"eta={eta} must be in [0, 1] (1 = DDPM posterior variance, 0 = deterministic DDIM)")
         self.config = config

@@ -35,6 +35,9 @@ class TaskConfig:
     schedule: str = field(default="linear", metadata={"help": "noise schedule: 'linear' or 'cosine'"})
     clip_sample: float | None = field(default=None, metadata={
         "help": "clamp x0 predictions to [-c, c] in the sampler (None: no clamp; digits: 1, the data range)"})
+    clip_sample_mode: str = field(default="ddpm", metadata={
+        "help": "with clip_sample: 'ddpm' recomputes eps from the clamped x0 (DDPM's posterior mean, diffusers' "
+                "DDPMScheduler) or 'ddim' keeps the network's eps (diffusers' DDIMScheduler)"})
     num_train_steps: int = field(default=1000, metadata={"help": "training timesteps N of the VP schedule"})
     reward: str = field(default="classifier", metadata={
         "help": "digits: 'classifier' (log p(target digit | x), differentiable), 'ink', 'png' or 'jpeg' "
@@ -128,7 +131,7 @@ class Task(ABC):
 
         cfg = ScheduleConfig(kind=self.config.schedule, num_train_steps=self.config.num_train_steps)
         return NoiseSchedule(cfg, self.config.num_inference_steps, self.config.eta,
-                             clip_sample=self.config.clip_sample)
+                             clip_sample=self.config.clip_sample, clip_sample_mode=self.config.clip_sample_mode)
 
     def sample_conditions(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """Conditions for n samples; None for unconditional tasks."""

@@ -102,7 +102,7 @@ class DigitsTask(Task):
     def make_schedule(self) -> NoiseSchedule:
         cfg = ScheduleConfig(kind=self.config.schedule, num_train_steps=self.config.num_train_steps)
         return NoiseSchedule(cfg, self.config.num_inference_steps, self.config.eta,
-                             clip_sample=self.config.clip_sample)
+                             clip_sample=self.config.clip_sample, clip_sample_mode=self.config.clip_sample_mode)
 
     def build_reference(self, schedule: NoiseSchedule, out_dir: str | None = None) -> nn.Module:
         from ..digits.unet import ClassifierFreeGuidance

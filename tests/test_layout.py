@@ -22,6 +22,7 @@ LAYERS = [
     {"evaluation"},
     {"models"},
     {"digits", "sd"},
+    {"preferences"},
     {"tasks"},
     {"methods"},
     {"training"},

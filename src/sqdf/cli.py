@@ -55,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--reference", action="store_true", help="sample the frozen base model instead (to compare)")
 
+    q = sub.add_parser("pairs", help="write preference pairs of a task's base model, labelled by Bradley-Terry on "
+                       "its reward (for diffusion-dpo: --set method.data=FILE)")
+    q.add_argument("task", help="task name (see `sqdf tasks`)")
+    q.add_argument("--n", type=int, default=2048, help="number of pairs (default 2048)")
+    q.add_argument("--out", default="pairs.jsonl", help=".jsonl or .parquet file to write (default pairs.jsonl)")
+    q.add_argument("--temperature", type=float, default=1.0, help="Bradley-Terry label temperature (default 1; "
+                   "0: deterministic comparisons)")
+    q.add_argument("--seed", type=int, default=0, help="sampling and labelling seed")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="task.KEY=VALUE",
+                   help="override a task key, e.g. --set task.alpha=0.3 (repeatable)")
+
     x = sub.add_parser("blackbox", help="online black-box optimization: a query budget on a hidden oracle, a proxy "
                        "refit each round, any method as the inner optimizer")
     x.add_argument("task", nargs="?", help="task name (its reward becomes the hidden oracle)")
@@ -81,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="compare methods on tasks over seeds at the same training reward-query budget")
     b.add_argument("tasks", nargs="*", metavar="TASK",
                    help=f"tasks, space- or comma-separated (default: {' '.join(bench.DEFAULT_TASKS)})")
-    b.add_argument("--methods", help="comma-separated methods (default: every registered method)")
+    b.add_argument("--methods", help="comma-separated methods (default: every registered method but the offline "
+                   "ones, diffusion-dpo)")
     b.add_argument("--queries", type=int, default=bench.DEFAULT_QUERIES,
                    help=f"training reward queries per run (default: {bench.DEFAULT_QUERIES})")
     b.add_argument("--seeds", type=int, default=bench.DEFAULT_SEEDS,
@@ -163,6 +175,25 @@ def _train(args) -> int:
     trainer = Trainer(args.task, args.method, run_config, out)
     summary = trainer.train()
     _report(summary, out)
+    return 0
+
+
+def _pairs(args) -> int:
+    from .config import parse_assignment
+    from .training.preference_pairs import write_reference_pairs
+
+    settings = {}
+    for item in args.overrides:
+        key, value = parse_assignment(item)
+        if not key.startswith("task."):
+            raise SqdfError(f"--set {item!r}: `sqdf pairs` takes task keys only (task.KEY=VALUE)")
+        settings[key] = value
+    if args.n < 1:
+        raise SqdfError(f"--n {args.n} must be >= 1")
+    if args.temperature < 0:
+        raise SqdfError(f"--temperature {args.temperature} must be >= 0")
+    path = write_reference_pairs(args.task, args.n, args.out, args.temperature, args.seed, settings)
+    print(f"wrote {args.n} preference pairs of {args.task}'s base model to {path}")
     return 0
 
 
@@ -326,7 +357,7 @@ def _bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"train": _train, "resume": _resume, "tasks": _tasks, "bench": _bench, "sample": _sample,
-                "blackbox": _blackbox}
+                "blackbox": _blackbox, "pairs": _pairs}
     try:
         return handlers[args.command](args)
     except SqdfError as exc:

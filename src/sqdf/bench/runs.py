@@ -239,7 +239,7 @@ def run_bench(tasks=None, methods=None, queries: int = DEFAULT_QUERIES, seeds: i
     tasks = split_names(tasks) or list(DEFAULT_TASKS)
     if alphas:
         tasks = with_alphas(tasks, alphas)
-    methods = split_names(methods) or list(METHODS)
+    methods = split_names(methods) or [name for name, cls in METHODS.items() if not cls.offline]
     for name, value in (("--queries", queries), ("--seeds", seeds), ("--jobs", jobs), ("--eval-samples", eval_samples)):
         if value < 1:
             raise ConfigError(f"{name} {value} must be >= 1")

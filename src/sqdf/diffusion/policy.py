@@ -279,11 +279,19 @@ class DiffusionPolicy(nn.Module):
         generator: torch.Generator | None = None,
         which: str = "policy",
         with_reference: bool = True,
+        initial: torch.Tensor | None = None,
     ) -> Trajectory:
         """Sample n chains with the policy (or the reference), keeping states, per-step log-probs of the taken
-        steps under policy and reference, and per-step exact KLs. Runs without gradients."""
+        steps under policy and reference, and per-step exact KLs. Runs without gradients. ``initial`` [n, *shape]:
+        the start noise x_T (None: drawn from ``generator``), e.g. shared by the two chains of a D3PO pair."""
         device = self._device()
-        x = self.initial_noise(n, generator, device)
+        if initial is None:
+            x = self.initial_noise(n, generator, device)
+        else:
+            if tuple(initial.shape) != (n, *self.sample_shape):
+                raise ValueError(f"initial noise of shape {tuple(initial.shape)} for {n} chains of shape "
+                                 f"{self.sample_shape}; expected {(n, *self.sample_shape)}")
+            x = initial.to(device=device, dtype=self._dtype())
         states = [x]
         logp, ref_logp, kls = [], [], []
         for k in range(self.num_steps):

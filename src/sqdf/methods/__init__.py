@@ -2,7 +2,9 @@
 
 from .base import Generated, InferenceMethod, IterationContext, Method, MethodConfig, Rollout, ValueHeadMethod
 from .best_of_n import BestOfN, BestOfNConfig
+from .d3po import D3PO, D3POConfig
 from .ddpo import DDPO, DDPOConfig
+from .diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
 from .direct_backprop import AlignProp, AlignPropConfig, DRaFT, DRaFTConfig, ReFL, ReFLConfig
 from .dpok import DPOK, DPOKConfig
 from .fk_steering import FKSteering, FKSteeringConfig
@@ -13,12 +15,13 @@ from .sqdf import SQDF, SQDFConfig, SQDFPaper, SQDFPaperConfig
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (SQDF, SQDFPaper, DDPO, DPOK, DRaFT, AlignProp, ReFL, PRDP, BestOfN, FKSteering,
-                ScoreAsAction, RLCM)
+                ScoreAsAction, RLCM, D3PO, DiffusionDPO)
 }
 
 __all__ = [
     "METHODS", "Generated", "InferenceMethod", "IterationContext", "Method", "MethodConfig", "Rollout", "ValueHeadMethod",
     "SQDF", "SQDFConfig", "SQDFPaper", "SQDFPaperConfig", "DDPO", "DDPOConfig", "DPOK", "DPOKConfig", "DRaFT", "DRaFTConfig", "AlignProp",
     "AlignPropConfig", "ReFL", "ReFLConfig", "PRDP", "PRDPConfig", "BestOfN", "BestOfNConfig", "FKSteering",
-    "FKSteeringConfig", "ScoreAsAction", "ScoreAsActionConfig", "RLCM", "RLCMConfig",
+    "FKSteeringConfig", "ScoreAsAction", "ScoreAsActionConfig", "RLCM", "RLCMConfig", "D3PO",
+    "D3POConfig", "DiffusionDPO", "DiffusionDPOConfig",
 ]

@@ -23,7 +23,6 @@ from ..config import option
 from ..diffusion.policy import DiffusionPolicy, Trajectory
 from ..errors import ConfigError
 
-
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -76,7 +75,9 @@ class IterationContext:
 
     iteration: int
     generator: torch.Generator  # all randomness of the method must come from here (exact resume)
-    rollout: Callable[..., Rollout]  # rollout(n, cond=None): n chains of the policy, scored (counts n queries)
+    # rollout(n, cond=None, initial=None): n chains of the policy from start noise ``initial`` (None: fresh), scored
+    # (counts n queries)
+    rollout: Callable[..., Rollout]
     reward: Callable  # reward(x, cond) -> [B], differentiable where the task is; counts B queries per call
     optimizer_step: Callable[[torch.Tensor], dict]  # backward, clip, step, zero_grad; returns {"grad_norm": ..}
     conditions: Callable[[int], "torch.Tensor | None"] = lambda n: None  # task conditions for n samples
@@ -104,6 +105,7 @@ class Method(ABC):
     config_class: ClassVar[type] = MethodConfig
     trains: ClassVar[bool] = True  # False: an inference-time method (no optimizer, no training loop)
     needs_reward_gradient: ClassVar[bool] = False  # True: backpropagates through the reward (refuses black-box ones)
+    offline: ClassVar[bool] = False  # True: learns from a fixed data file, spends no reward query (not in bench defaults)
 
     def __init__(self, config: MethodConfig, policy: DiffusionPolicy, alpha: float):
         config.validate()

@@ -172,12 +172,14 @@ class Trainer:
             stats = self.method.train_iteration(ctx)
             self.iteration += 1
             if self.iteration % tcfg.log_every == 0:
-                row = {"iteration": self.iteration, "kind": "train", "reward_queries": self.reward.queries,
-                       "rollout_reward": self._last_rollout_reward, **stats}
+                row = {"iteration": self.iteration, "kind": "train", "reward_queries": self.reward.queries, **stats}
+                if not math.isnan(self._last_rollout_reward):  # offline methods (diffusion-dpo) draw no rollout
+                    row["rollout_reward"] = self._last_rollout_reward
                 self._log(row)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(reward=f"{self._last_rollout_reward:.3f}")
+                if not math.isnan(self._last_rollout_reward):
+                    bar.set_postfix(reward=f"{self._last_rollout_reward:.3f}")
             final = self.iteration == tcfg.steps or self._budget_spent()
             every_q = tcfg.eval_every_queries
             crossed = every_q and self.reward.queries // every_q > queries_before // every_q
@@ -200,11 +202,11 @@ class Trainer:
     def _conditions(self, n: int):
         return self.task.sample_conditions(n, self.generator)
 
-    def _rollout(self, n: int, cond=None) -> Rollout:
+    def _rollout(self, n: int, cond=None, initial=None) -> Rollout:
         if cond is None:
             cond = self._conditions(n)
         self.policy.eval()
-        traj = self.policy.sample(n, cond, self.generator)
+        traj = self.policy.sample(n, cond, self.generator, initial=initial)
         with torch.no_grad():
             rewards = self.reward(traj.samples, cond)
         self._last_rollout_reward = float(rewards.mean())

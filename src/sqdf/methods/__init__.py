@@ -7,6 +7,7 @@ from .ddpo import DDPO, DDPOConfig
 from .diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
 from .direct_backprop import AlignProp, AlignPropConfig, DRaFT, DRaFTConfig, ReFL, ReFLConfig
 from .dpok import DPOK, DPOKConfig
+from .dro import DRO, DROConfig
 from .fk_steering import FKSteering, FKSteeringConfig
 from .prdp import PRDP, PRDPConfig
 from .rlcm import RLCM, RLCMConfig
@@ -15,7 +16,7 @@ from .sqdf import SQDF, SQDFConfig, SQDFPaper, SQDFPaperConfig
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (SQDF, SQDFPaper, DDPO, DPOK, DRaFT, AlignProp, ReFL, PRDP, BestOfN, FKSteering,
-                ScoreAsAction, RLCM, D3PO, DiffusionDPO)
+                ScoreAsAction, RLCM, D3PO, DiffusionDPO, DRO)
 }
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "AlignPropConfig", "ReFL", "ReFLConfig", "PRDP", "PRDPConfig", "BestOfN", "BestOfNConfig", "FKSteering",
     "FKSteeringConfig", "ScoreAsAction", "ScoreAsActionConfig", "RLCM", "RLCMConfig", "D3PO",
     "D3POConfig", "DiffusionDPO", "DiffusionDPOConfig",
+    "DRO", "DROConfig",
 ]

@@ -1,0 +1,93 @@
+"""DRO (Richemond et al. 2024; used by DSO): regression of pointwise scores on the implicit reward, no pairs.
+
+Per iteration: sample B chains of the current policy and score each final sample once (a pointwise score: the
+task reward, or any black-box score); then take ``inner_steps`` gradient steps on
+
+    L = mean_i 1/2 ( r_i - V(x_T,i, c_i) - beta h_i )^2,    h_i = sum_k [log pi_theta(a_k|s_k) - log pi_ref(a_k|s_k)],
+
+where V is a learned value of the start state and condition, fit in the same loss (its own learning rate).
+Derivation: for any sampling distribution with full support, the minimizer over the policy and V of
+E[(r - V - beta log pi/pi_ref)^2] sets beta log pi_theta(x_{T-1:0} | x_T) / pi_ref(.. | x_T) = r(x_0) - V(x_T) for
+every chain, so pi_theta = pi_ref exp(r / beta) / exp(V / beta) with V(x_T) the soft value beta log E_ref[exp(r /
+beta) | x_T]: the KL-regularized optimum, the task's p* for beta = alpha (the default). Unlike DPO it needs no
+pairs and no labels, only one score per sample, and its optimum does not depend on the sampling policy; DSO's
+variant with no reference and no value (mean error difference of stable and unstable samples) has no finite
+optimum and is not this one. ``log_ratio="mean"`` divides h by the sample's dimension (then beta is per element).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import option
+from ..errors import ConfigError
+from ..models.value import ValueMLP
+from .base import IterationContext, MethodConfig, ValueHeadMethod
+from .common import LOG_RATIO_HELP, check_log_ratio, repeat_cond, sample_dim, step_log_ratio, transition_batch
+
+
+@dataclass
+class DROConfig(MethodConfig):
+    """Hyperparameters of DRO."""
+
+    lr: float = option(1e-4, "AdamW learning rate of the policy")
+    beta: float | None = option(None, "weight of the implicit reward beta log pi / pi_ref; None: the task's alpha "
+                                "(with log_ratio='mean': times the sample's dimension)")
+    log_ratio: str = option("sum", LOG_RATIO_HELP + "; DRO's default 'sum' (nats)")
+    inner_steps: int = option(1, "gradient steps per sampled batch")
+    value_lr: float = option(1e-3, "learning rate of the value V(x_T, c)")
+    value_hidden: int = option(128, "width of the value MLP")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta is not None and not self.beta > 0:
+            raise ConfigError(f"method.beta={self.beta} must be > 0 (or None for the task's alpha)")
+        check_log_ratio(self.log_ratio)
+        for name in ("inner_steps", "value_hidden"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"method.{name}={getattr(self, name)} must be >= 1")
+        if not self.value_lr > 0:
+            raise ConfigError(f"method.value_lr={self.value_lr} must be > 0")
+
+
+def dro_loss(rewards: torch.Tensor, values: torch.Tensor, h: torch.Tensor, beta: float) -> torch.Tensor:
+    """mean 1/2 (r - V - beta h)^2 over samples; rewards, values (with grad), h (with grad) all [B]."""
+    return 0.5 * ((rewards - values - beta * h) ** 2).mean()
+
+
+class DRO(ValueHeadMethod):
+    name = "dro"
+    config_class = DROConfig
+
+    def __init__(self, config: DROConfig, policy, alpha: float):
+        super().__init__(config, policy, alpha)
+        scale = sample_dim(policy) if config.log_ratio == "mean" else 1
+        self.beta = config.beta if config.beta is not None else alpha * scale
+        cond_dim = getattr(policy.model, "cond_dim", 0)
+        self.value = ValueMLP(sample_dim(policy), config.value_hidden, num_train_steps=policy.num_steps,
+                              cond_dim=cond_dim)
+
+    def train_iteration(self, ctx: IterationContext) -> dict[str, float]:
+        cfg = self.config
+        roll = ctx.rollout(cfg.batch_size)
+        traj = roll.trajectory
+        B, T, d = traj.batch_size, self.policy.num_steps, sample_dim(self.policy)
+        chains = torch.arange(B, device=traj.states.device)
+        x, x_next, k = transition_batch(traj.states, chains)
+        flat_cond = repeat_cond(traj.cond, chains, T)
+        ref = traj.ref_log_probs.reshape(-1)
+        start = traj.states[:, 0]
+        self.policy.train()
+        losses, grad_norms = [], []
+        for _ in range(cfg.inner_steps):
+            log_probs = self.policy.step_log_prob(x, x_next, k, flat_cond)
+            h = step_log_ratio(log_probs, ref, d, cfg.log_ratio).view(B, T).sum(1)
+            values = self.value(start, torch.zeros(B, dtype=torch.long, device=start.device), traj.cond)
+            loss = dro_loss(roll.rewards.to(h.dtype), values.to(h.dtype), h, self.beta)
+            stats = ctx.optimizer_step(loss)
+            losses.append(float(loss.detach()))
+            grad_norms.append(stats["grad_norm"])
+        return {"loss": sum(losses) / len(losses), "value_mean": float(values.detach().mean()),
+                "grad_norm": sum(grad_norms) / len(grad_norms), "path_kl": float(traj.path_kl.mean())}

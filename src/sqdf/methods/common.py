@@ -26,6 +26,16 @@ def step_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, dim: int,
     return diff / dim if convention == "mean" else diff
 
 
+def implicit_reward_weight(beta: float | None, alpha: float, policy, log_ratio: str,
+                           temperature: float = 1.0) -> float:
+    """``beta`` when set, else the weight on log pi_theta / pi_ref whose optimum is the task's tilted target:
+    alpha / temperature for full log-ratios ('sum'), times the sample's dimension for per-dimension ones ('mean')."""
+    if beta is not None:
+        return beta
+    scale = sample_dim(policy) if log_ratio == "mean" else 1
+    return alpha / (temperature if temperature > 0 else 1.0) * scale
+
+
 def sample_dim(policy) -> int:
     """Number of dimensions d of one sample of ``policy`` (its ``sample_shape``)."""
     d = 1

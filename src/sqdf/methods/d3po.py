@@ -30,7 +30,15 @@ from ..config import option
 from ..errors import ConfigError
 from ..preferences.labels import bradley_terry_labels, decided, preference_loss
 from .base import IterationContext, Method, MethodConfig
-from .common import LOG_RATIO_HELP, check_log_ratio, repeat_cond, sample_dim, step_log_ratio, transition_batch
+from .common import (
+    LOG_RATIO_HELP,
+    check_log_ratio,
+    implicit_reward_weight,
+    repeat_cond,
+    sample_dim,
+    step_log_ratio,
+    transition_batch,
+)
 
 
 @dataclass
@@ -87,9 +95,7 @@ class D3PO(Method):
 
     def __init__(self, config: D3POConfig, policy, alpha: float):
         super().__init__(config, policy, alpha)
-        scale = sample_dim(policy) if config.log_ratio == "mean" else 1
-        tau = config.label_temperature if config.label_temperature > 0 else 1.0
-        self.beta = config.beta if config.beta is not None else alpha / tau * scale
+        self.beta = implicit_reward_weight(config.beta, alpha, policy, config.log_ratio, config.label_temperature)
 
     def train_iteration(self, ctx: IterationContext) -> dict[str, float]:
         cfg = self.config

@@ -25,7 +25,15 @@ from ..config import option
 from ..errors import ConfigError
 from ..models.value import ValueMLP
 from .base import IterationContext, MethodConfig, ValueHeadMethod
-from .common import LOG_RATIO_HELP, check_log_ratio, repeat_cond, sample_dim, step_log_ratio, transition_batch
+from .common import (
+    LOG_RATIO_HELP,
+    check_log_ratio,
+    implicit_reward_weight,
+    repeat_cond,
+    sample_dim,
+    step_log_ratio,
+    transition_batch,
+)
 
 
 @dataclass
@@ -63,8 +71,7 @@ class DRO(ValueHeadMethod):
 
     def __init__(self, config: DROConfig, policy, alpha: float):
         super().__init__(config, policy, alpha)
-        scale = sample_dim(policy) if config.log_ratio == "mean" else 1
-        self.beta = config.beta if config.beta is not None else alpha * scale
+        self.beta = implicit_reward_weight(config.beta, alpha, policy, config.log_ratio)
         cond_dim = getattr(policy.model, "cond_dim", 0)
         self.value = ValueMLP(sample_dim(policy), config.value_hidden, num_train_steps=policy.num_steps,
                               cond_dim=cond_dim)

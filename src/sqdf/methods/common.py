@@ -26,6 +26,16 @@ def step_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, dim: int,
     return diff / dim if convention == "mean" else diff
 
 
+def reference_log_ratios(policy, traj, convention: str = "sum") -> torch.Tensor:
+    """log pi_theta - log pi_ref of every step taken in ``traj``, [B, T], in ``convention``'s unit ('sum' or
+    'mean', see ``step_log_ratio``); differentiable in the policy, the reference's log-probs are the rollout's."""
+    B, T = traj.batch_size, policy.num_steps
+    chains = torch.arange(B, device=traj.states.device)
+    x, x_next, k = transition_batch(traj.states, chains)
+    log_probs = policy.step_log_prob(x, x_next, k, repeat_cond(traj.cond, chains, T))
+    return step_log_ratio(log_probs, traj.ref_log_probs.reshape(-1), sample_dim(policy), convention).view(B, T)
+
+
 def implicit_reward_weight(beta: float | None, alpha: float, policy, log_ratio: str,
                            temperature: float = 1.0) -> float:
     """``beta`` when set, else the weight on log pi_theta / pi_ref whose optimum is the task's tilted target:

@@ -30,15 +30,7 @@ from ..config import option
 from ..errors import ConfigError
 from ..preferences.labels import bradley_terry_labels, decided, preference_loss
 from .base import IterationContext, Method, MethodConfig
-from .common import (
-    LOG_RATIO_HELP,
-    check_log_ratio,
-    implicit_reward_weight,
-    repeat_cond,
-    sample_dim,
-    step_log_ratio,
-    transition_batch,
-)
+from .common import LOG_RATIO_HELP, check_log_ratio, implicit_reward_weight, reference_log_ratios
 
 
 @dataclass
@@ -108,16 +100,10 @@ class D3PO(Method):
         traj = roll.trajectory
         rewards = roll.rewards.view(pairs, 2)
         labels = bradley_terry_labels(rewards[:, 0], rewards[:, 1], cfg.label_temperature, ctx.generator)
-        T, d = self.policy.num_steps, sample_dim(self.policy)
-        chains = torch.arange(2 * pairs, device=traj.states.device)
-        x, x_next, k = transition_batch(traj.states, chains)
-        flat_cond = repeat_cond(traj.cond, chains, T)
-        ref = traj.ref_log_probs.reshape(-1)
         self.policy.train()
         losses, accs, grad_norms = [], [], []
         for _ in range(cfg.inner_steps):
-            log_probs = self.policy.step_log_prob(x, x_next, k, flat_cond)
-            h = step_log_ratio(log_probs, ref, d, cfg.log_ratio).view(pairs, 2, T)
+            h = reference_log_ratios(self.policy, traj, cfg.log_ratio).view(pairs, 2, -1)
             loss, margins = d3po_loss(h[:, 0], h[:, 1], labels.to(h.device), self.beta, cfg.ratio_clip)
             stats = ctx.optimizer_step(loss)
             losses.append(float(loss.detach()))

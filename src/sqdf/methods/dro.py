@@ -25,15 +25,7 @@ from ..config import option
 from ..errors import ConfigError
 from ..models.value import ValueMLP
 from .base import IterationContext, MethodConfig, ValueHeadMethod
-from .common import (
-    LOG_RATIO_HELP,
-    check_log_ratio,
-    implicit_reward_weight,
-    repeat_cond,
-    sample_dim,
-    step_log_ratio,
-    transition_batch,
-)
+from .common import LOG_RATIO_HELP, check_log_ratio, implicit_reward_weight, reference_log_ratios, sample_dim
 
 
 @dataclass
@@ -80,17 +72,11 @@ class DRO(ValueHeadMethod):
         cfg = self.config
         roll = ctx.rollout(cfg.batch_size)
         traj = roll.trajectory
-        B, T, d = traj.batch_size, self.policy.num_steps, sample_dim(self.policy)
-        chains = torch.arange(B, device=traj.states.device)
-        x, x_next, k = transition_batch(traj.states, chains)
-        flat_cond = repeat_cond(traj.cond, chains, T)
-        ref = traj.ref_log_probs.reshape(-1)
-        start = traj.states[:, 0]
+        B, start = traj.batch_size, traj.states[:, 0]
         self.policy.train()
         losses, grad_norms = [], []
         for _ in range(cfg.inner_steps):
-            log_probs = self.policy.step_log_prob(x, x_next, k, flat_cond)
-            h = step_log_ratio(log_probs, ref, d, cfg.log_ratio).view(B, T).sum(1)
+            h = reference_log_ratios(self.policy, traj, cfg.log_ratio).sum(1)
             values = self.value(start, torch.zeros(B, dtype=torch.long, device=start.device), traj.cond)
             loss = dro_loss(roll.rewards.to(h.dtype), values.to(h.dtype), h, self.beta)
             stats = ctx.optimizer_step(loss)

@@ -19,6 +19,7 @@ import io
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -124,8 +125,8 @@ def _image(path: str, field: str, value, base_dir: str, shape: tuple[int, ...] |
             img = img.resize((shape[2], shape[1]), Image.BILINEAR)
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"preference file {path!r}: field {field!r} is not a readable image ({e})") from e
-    data = torch.tensor(list(img.getdata()), dtype=torch.float32).view(img.size[1], img.size[0], -1)
-    return data.permute(2, 0, 1) / 127.5 - 1
+    data = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())  # [H, W] or [H, W, C]
+    return (data[None] if data.ndim == 2 else data.permute(2, 0, 1)) / 127.5 - 1
 
 
 def _labels(path: str, field: str, values) -> torch.Tensor:

@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--temperature", type=float, default=1.0, help="Bradley-Terry label temperature (default 1; "
                    "0: deterministic comparisons)")
     q.add_argument("--seed", type=int, default=0, help="sampling and labelling seed")
+    q.add_argument("--scores", action="store_true", help="write N scored samples (columns x, score) instead of "
+                   "pairs, for offline dro (--set method.data=FILE)")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="task.KEY=VALUE",
                    help="override a task key, e.g. --set task.alpha=0.3 (repeatable)")
 
@@ -96,8 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                    "ones, diffusion-dpo)")
     b.add_argument("--queries", type=int, default=bench.DEFAULT_QUERIES,
                    help=f"training reward queries per run (default: {bench.DEFAULT_QUERIES})")
-    b.add_argument("--seeds", type=int, default=bench.DEFAULT_SEEDS,
-                   help=f"seeds 0..K-1 per task and method (default: {bench.DEFAULT_SEEDS})")
+    b.add_argument("--seeds", type=int,
+                   help=f"seeds 0..K-1 per task and method (default: {bench.DEFAULT_SEEDS}; --preferences: 1)")
     b.add_argument("--out", help="output folder (default: runs/bench-TIMESTAMP); re-run to finish an interrupted bench")
     b.add_argument("--jobs", type=int, default=bench.DEFAULT_JOBS,
                    help=f"parallel runs, capped to the CPU count (default: {bench.DEFAULT_JOBS}; 1: in-process)")
@@ -122,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--inner-steps", type=int, help="--blackbox: proxy-loop iterations per round (default: the "
                    "task's black-box preset, else 50)")
     b.add_argument("--noise", type=float, help="--blackbox: oracle observation noise std (default 0.1)")
+    b.add_argument("--preferences", metavar="L1,L2,...", help="preference mode: every preference method, and "
+                   "METHOD+rm (a reward-based method on a reward model fit on the same labels), at each of these "
+                   "numbers of Bradley-Terry labels, e.g. 256,1024,4096 (tasks default gmm1 mix25to9 gaussian; "
+                   "methods default d3po,dense-dpo,dro,diffusion-dpo,inpo,sqdf+rm,ddpo+rm; --queries caps the "
+                   "learned-reward queries of METHOD+rm; seeds default 1)")
+    b.add_argument("--offline-steps", type=int, metavar="N", help="--preferences: gradient steps of the offline "
+                   "methods (default 200)")
     return p
 
 
@@ -192,6 +201,13 @@ def _pairs(args) -> int:
         raise SqdfError(f"--n {args.n} must be >= 1")
     if args.temperature < 0:
         raise SqdfError(f"--temperature {args.temperature} must be >= 0")
+    if args.scores:
+        from .preferences.data import write_scores
+        from .training.preference_pairs import reference_scores
+
+        path = write_scores(reference_scores(args.task, args.n, args.seed, settings), args.out)
+        print(f"wrote {args.n} scored samples of {args.task}'s base model to {path}")
+        return 0
     path = write_reference_pairs(args.task, args.n, args.out, args.temperature, args.seed, settings)
     print(f"wrote {args.n} preference pairs of {args.task}'s base model to {path}")
     return 0
@@ -316,17 +332,29 @@ def _bench(args) -> int:
         raise SqdfError("--discretization evaluates the runs of an ordinary bench; drop it or --blackbox")
     if args.blackbox is not None and args.alphas:
         raise SqdfError("--alphas applies to the ordinary bench; drop it or --blackbox")
+    if args.preferences is not None and (args.blackbox is not None or args.alphas or args.discretization):
+        raise SqdfError("--preferences is a bench of its own; drop --blackbox, --alphas and --discretization")
+    if args.offline_steps is not None and args.preferences is None:
+        raise SqdfError("--offline-steps applies to --preferences; add e.g. --preferences 256,1024,4096")
+    seeds = bench.DEFAULT_SEEDS if args.seeds is None else args.seeds
     try:
-        if args.blackbox is not None:
+        if args.preferences is not None:
+            from .bench import preference_bench as pb
+
+            result = pb.run_preference_bench(
+                args.tasks, [args.methods] if args.methods else None, args.preferences,
+                1 if args.seeds is None else args.seeds, args.queries, args.offline_steps or pb.DEFAULT_OFFLINE_STEPS,
+                args.out, args.jobs, args.eval_samples or bench.DEFAULT_EVAL_SAMPLES, args.overrides)
+        elif args.blackbox is not None:
             from .bench.blackbox import run_blackbox_bench
 
             eval_samples = args.eval_samples or 512
             result = run_blackbox_bench(args.tasks, [args.methods] if args.methods else None, args.blackbox,
-                                        args.seeds, args.out, args.jobs, eval_samples, args.overrides,
+                                        seeds, args.out, args.jobs, eval_samples, args.overrides,
                                         {"round_shares": args.rounds, "inner_steps": args.inner_steps,
                                          "noise_std": args.noise})
         else:
-            result = run_bench(args.tasks, [args.methods] if args.methods else None, args.queries, args.seeds,
+            result = run_bench(args.tasks, [args.methods] if args.methods else None, args.queries, seeds,
                                args.out, args.jobs, args.eval_samples or bench.DEFAULT_EVAL_SAMPLES, args.overrides,
                                discretization=args.discretization,
                                discretization_samples=args.discretization_samples, alphas=args.alphas)

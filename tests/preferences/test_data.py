@@ -98,3 +98,25 @@ def test_missing_and_unreadable_files(tmp_path):
     picks = _jsonl(tmp_path / "p.jsonl", [{"caption": "c", "jpg_0": "nope.png", "jpg_1": "nope.png", "label_0": 1}])
     with pytest.raises(ConfigError, match="'jpg_0' is not a readable image"):
         load_pairs(picks)
+
+
+def test_scores_round_trip_and_errors(tmp_path):
+    from sqdf.preferences.data import PointwiseScores, load_scores, write_scores
+
+    s = PointwiseScores(torch.randn(5, 2), torch.randn(5), torch.arange(5))
+    for name in ("s.jsonl", "s.parquet"):
+        back = load_scores(write_scores(s, str(tmp_path / name)), (2,))
+        torch.testing.assert_close(back.x, s.x)
+        torch.testing.assert_close(back.scores, s.scores)
+        assert back.cond.tolist() == list(range(5))
+    with pytest.raises(ConfigError, match="shape"):
+        load_scores(str(tmp_path / "s.jsonl"), (3,))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"x": [0.0, 1.0]}\n')
+    with pytest.raises(ConfigError, match="missing: score"):
+        load_scores(str(bad))
+    bad.write_text('{"x": [0.0, 1.0], "score": NaN}\n')
+    with pytest.raises(ConfigError):
+        load_scores(str(bad))
+    with pytest.raises(ConfigError, match="not finite"):
+        PointwiseScores(torch.zeros(1, 2), torch.tensor([float("inf")]))

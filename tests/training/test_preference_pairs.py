@@ -39,3 +39,15 @@ def test_bad_pairs_invocations_exit_2(tmp_path, monkeypatch, capsys, argv, match
     monkeypatch.chdir(tmp_path)
     assert main(["pairs", "gaussian", "--n", "4", *argv]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_cli_scores_are_the_rewards_of_base_samples(tmp_path, capsys):
+    from sqdf.preferences.data import load_scores
+    from sqdf.training.run_setup import make_task
+
+    out = tmp_path / "s.jsonl"
+    assert main(["pairs", "gaussian", "--scores", "--n", "16", "--out", str(out),
+                 "--set", "task.num_inference_steps=10"]) == 0
+    scores = load_scores(str(out), (2,))
+    assert "wrote 16 scored samples" in capsys.readouterr().out
+    torch.testing.assert_close(scores.scores, make_task("gaussian").reward(scores.x).float())

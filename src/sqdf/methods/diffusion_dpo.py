@@ -65,6 +65,16 @@ def training_times(schedule, n: int, generator: torch.Generator) -> torch.Tensor
     return (u * 1000).clamp(1e-3, 1000 - 1e-3)
 
 
+def denoising_errors(policy, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond, which: str) -> torch.Tensor:
+    """Per-sample mean squared eps error [N] of ``which`` network ('policy' or 'reference') at model times t [N]
+    on x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; x0, eps [N, *shape]."""
+    signal, noise = policy.schedule.coefficients_at(t)
+    shape = (-1, *([1] * (x0.ndim - 1)))
+    x_t = signal.to(x0.dtype).view(shape) * x0 + noise.to(x0.dtype).view(shape) * eps
+    eps_hat, _ = policy.predict_at(x_t, t, cond, which)
+    return ((eps_hat - eps) ** 2).flatten(1).mean(1)
+
+
 class DiffusionDPO(Method):
     name = "diffusion-dpo"
     config_class = DiffusionDPOConfig
@@ -78,11 +88,7 @@ class DiffusionDPO(Method):
             raise ConfigError(f"preference file {config.data!r} has no decided pair (every label is a tie 0.5)")
 
     def _errors(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond, which: str) -> torch.Tensor:
-        signal, noise = self.policy.schedule.coefficients_at(t)
-        shape = (-1, *([1] * (x0.ndim - 1)))
-        x_t = signal.to(x0.dtype).view(shape) * x0 + noise.to(x0.dtype).view(shape) * eps
-        eps_hat, _ = self.policy.predict_at(x_t, t, cond, which)
-        return ((eps_hat - eps) ** 2).flatten(1).mean(1)
+        return denoising_errors(self.policy, x0, t, eps, cond, which)
 
     def train_iteration(self, ctx: IterationContext) -> dict[str, float]:
         cfg, g = self.config, ctx.generator

@@ -11,6 +11,9 @@ are (the layout is told by the columns):
   image's is 1).
 
 Images become [C, H, W] tensors in [-1, 1] (C and H, W from ``sample_shape`` when given: grayscale for C = 1).
+
+Pointwise scores (``PointwiseScores``, for DRO offline: one score per sample, no pairs) use columns ``x``,
+``score`` and optionally ``cond`` (``load_scores`` / ``write_scores``).
 """
 
 from __future__ import annotations
@@ -172,14 +175,18 @@ def load_pairs(path: str, sample_shape: tuple[int, ...] | None = None) -> Prefer
 def write_pairs(pairs: PreferencePairs, path: str) -> str:
     """Write ``pairs`` in the tensors layout to ``path`` (.jsonl or .parquet, through ``datasets``); returns path.
     Written to a temporary name first and moved into place, so a kill never leaves half a file."""
-    from datasets import Dataset
-
     columns = {"a": pairs.a.tolist(), "b": pairs.b.tolist(), "label": pairs.labels.tolist()}
     if pairs.cond is not None:
         columns["cond"] = pairs.cond.tolist()
+    return _write_table(columns, path, "preference file")
+
+
+def _write_table(columns: dict, path: str, what: str) -> str:
+    from datasets import Dataset
+
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".jsonl", ".parquet"):
-        raise ConfigError(f"preference file {path!r}: use a .jsonl or .parquet name")
+        raise ConfigError(f"{what} {path!r}: use a .jsonl or .parquet name")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}{ext}"
     table = Dataset.from_dict(columns)
@@ -189,3 +196,54 @@ def write_pairs(pairs: PreferencePairs, path: str) -> str:
         table.to_parquet(tmp)
     os.replace(tmp, path)
     return path
+
+
+@dataclass
+class PointwiseScores:
+    """N scored samples: x [N, *shape], scores [N] (finite), cond [N, ...] or None."""
+
+    x: torch.Tensor
+    scores: torch.Tensor
+    cond: torch.Tensor | None = None
+
+    def __post_init__(self):
+        n = self.x.shape[0]
+        if self.scores.shape != (n,):
+            raise ConfigError(f"pointwise scores: scores of shape {tuple(self.scores.shape)} for {n} samples")
+        if not bool(torch.isfinite(self.scores).all()):
+            i = int((~torch.isfinite(self.scores)).nonzero()[0])
+            raise ConfigError(f"pointwise scores: score {float(self.scores[i])} of sample {i} is not finite")
+        if self.cond is not None and self.cond.shape[0] != n:
+            raise ConfigError(f"pointwise scores: {self.cond.shape[0]} conditions for {n} samples")
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+def load_scores(path: str, sample_shape: tuple[int, ...] | None = None) -> PointwiseScores:
+    """Read scored samples from ``path`` (jsonl or parquet with columns x, score and optionally cond)."""
+    table = _read_table(path)
+    if len(table) == 0:
+        raise ConfigError(f"score file {path!r} holds no rows")
+    missing = [c for c in ("x", "score") if c not in table.column_names]
+    if missing:
+        raise ConfigError(f"score file {path!r} has columns {table.column_names}; it needs x and score "
+                          f"(missing: {', '.join(missing)}), and optionally cond")
+    x = _tensor_column(path, table["x"], "x", sample_shape)
+    try:
+        scores = torch.tensor([float(v) for v in table["score"]], dtype=torch.float32)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"score file {path!r}: field 'score' must hold numbers ({e})") from e
+    if not bool(torch.isfinite(scores).all()):
+        i = int((~torch.isfinite(scores)).nonzero()[0])
+        raise ConfigError(f"score file {path!r}: field 'score' = {float(scores[i])} in row {i} is not finite")
+    cond = _tensor_column(path, table["cond"], "cond", None) if "cond" in table.column_names else None
+    return PointwiseScores(x, scores, cond)
+
+
+def write_scores(scores: PointwiseScores, path: str) -> str:
+    """Write ``scores`` (columns x, score, cond) to a .jsonl or .parquet file, atomically; returns path."""
+    columns = {"x": scores.x.tolist(), "score": scores.scores.tolist()}
+    if scores.cond is not None:
+        columns["cond"] = scores.cond.tolist()
+    return _write_table(columns, path, "score file")

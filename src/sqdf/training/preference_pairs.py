@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..preferences.data import PreferencePairs, write_pairs
+from ..preferences.data import PointwiseScores, PreferencePairs, write_pairs
 from ..preferences.labels import bradley_terry_labels
 from .run_setup import build_policy, default_config, make_task
 
@@ -42,6 +42,31 @@ def reference_pairs(task_name: str, n: int, temperature: float = 1.0, seed: int 
             parts_c.append(cond)
     return PreferencePairs(torch.cat(parts_a), torch.cat(parts_b), torch.cat(parts_y),
                            torch.cat(parts_c) if parts_c else None)
+
+
+def reference_scores(task_name: str, n: int, seed: int = 0, settings: dict | None = None,
+                     batch: int = 1024) -> PointwiseScores:
+    """n base-model samples of ``task_name`` with their task rewards (for offline DRO)."""
+    if n < 1:
+        raise ValueError(f"--n {n} must be >= 1 sample")
+    config = default_config("sqdf", task_name)
+    for key, value in (settings or {}).items():
+        config.set(key, value)
+    task = make_task(task_name, config.task)
+    policy = build_policy(task, config, None, "cpu")
+    policy.eval()
+    g = torch.Generator().manual_seed(seed)
+    xs, rs, cs = [], [], []
+    for start in range(0, n, batch):
+        m = min(batch, n - start)
+        cond = task.sample_conditions(m, g)
+        x = policy.sample(m, cond, g, which="reference", with_reference=False).samples
+        with torch.no_grad():
+            rs.append(task.reward(x, cond).to(torch.float32))
+        xs.append(x)
+        if cond is not None:
+            cs.append(cond)
+    return PointwiseScores(torch.cat(xs), torch.cat(rs), torch.cat(cs) if cs else None)
 
 
 def write_reference_pairs(task_name: str, n: int, out: str, temperature: float = 1.0, seed: int = 0,

@@ -1,4 +1,5 @@
-"""Command line: ``sqdf train``, ``sqdf resume``, ``sqdf tasks``, ``sqdf bench``, ``sqdf sample``.
+"""Command line: ``sqdf train``, ``sqdf resume``, ``sqdf tasks``, ``sqdf bench``, ``sqdf sample``, ``sqdf pairs``,
+``sqdf reward-model``, ``sqdf blackbox``.
 
 Bad input (unknown task, method or key, out-of-range values, a broken reward, a missing or corrupt checkpoint)
 prints one message naming the value and the fix, and exits with code 2.
@@ -66,6 +67,23 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--scores", action="store_true", help="write N scored samples (columns x, score) instead of "
                    "pairs, for offline dro (--set method.data=FILE)")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="task.KEY=VALUE",
+                   help="override a task key, e.g. --set task.alpha=0.3 (repeatable)")
+
+    m = sub.add_parser("reward-model", help="fit a Bradley-Terry reward model on preference pairs, for training any "
+                       "reward-based method on it (sqdf train --set trainer.reward_model=MODEL)")
+    m.add_argument("pairs_file", metavar="PAIRS_FILE", help=".jsonl or .parquet preference pairs (e.g. from `sqdf "
+                   "pairs TASK`)")
+    m.add_argument("--task", required=True, help="task whose samples the pairs hold; its proxy features are the "
+                   "model's input (see `sqdf tasks`)")
+    m.add_argument("--out", required=True, metavar="MODEL.safetensors", help="file to write")
+    m.add_argument("--ensemble", type=int, default=5, help="MLP heads, each fit on a bootstrap resample (default 5)")
+    m.add_argument("--hidden", type=int, default=64, help="MLP width (default 64)")
+    m.add_argument("--epochs", type=int, default=300, help="passes over the pairs (default 300)")
+    m.add_argument("--temperature", type=float, default=1.0, help="Bradley-Terry label temperature the reward's "
+                   "scale is read in (default 1, as `sqdf pairs`)")
+    m.add_argument("--holdout", type=float, default=0.1, help="share of pairs held out for the accuracy (default 0.1)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the split, init, bootstrap and minibatches")
+    m.add_argument("--set", dest="overrides", action="append", default=[], metavar="task.KEY=VALUE",
                    help="override a task key, e.g. --set task.alpha=0.3 (repeatable)")
 
     x = sub.add_parser("blackbox", help="online black-box optimization: a query budget on a hidden oracle, a proxy "
@@ -213,6 +231,27 @@ def _pairs(args) -> int:
     return 0
 
 
+def _reward_model(args) -> int:
+    from .config import parse_assignment
+    from .training.learned_reward import fit_reward_model
+
+    settings = {}
+    for item in args.overrides:
+        key, value = parse_assignment(item)
+        if not key.startswith("task."):
+            raise SqdfError(f"--set {item!r}: `sqdf reward-model` takes task keys only (task.KEY=VALUE)")
+        settings[key] = value
+    if not args.out.endswith(".safetensors"):
+        raise SqdfError(f"--out {args.out!r}: the reward model is a safetensors file; name it MODEL.safetensors")
+    if not 0 <= args.holdout < 1:
+        raise SqdfError(f"--holdout {args.holdout} must be in [0, 1)")
+    fit_reward_model(args.task, args.pairs_file, args.out, ensemble=args.ensemble, hidden=args.hidden,
+                     epochs=args.epochs, seed=args.seed, temperature=args.temperature, holdout=args.holdout,
+                     settings=settings, log=print)
+    print(f"train on it: sqdf train {args.task} --method ddpo --set trainer.reward_model={args.out}")
+    return 0
+
+
 def _resume(args) -> int:
     from .training.trainer import Trainer
 
@@ -228,9 +267,9 @@ def _resume(args) -> int:
 
 
 def _report(summary: dict, out: str) -> None:
-    keys = ("task", "method", "seed", "reward_mean", "path_kl", "objective", "optimum", "regret", "mode_tv",
-            "energy_distance", "target_accuracy", "frechet", "diversity", "optimal_frechet", "optimal_diversity",
-            "reward_queries", "wall_seconds")
+    keys = ("task", "method", "seed", "reward_mean", "learned_reward", "path_kl", "objective", "optimum", "regret",
+            "mode_tv", "energy_distance", "target_accuracy", "frechet", "diversity", "optimal_frechet",
+            "optimal_diversity", "reward_queries", "wall_seconds")
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     if "floor" in summary:
         print(f"exact-score sampling floor at {summary['num_inference_steps']} steps: "
@@ -385,7 +424,7 @@ def _bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"train": _train, "resume": _resume, "tasks": _tasks, "bench": _bench, "sample": _sample,
-                "blackbox": _blackbox, "pairs": _pairs}
+                "blackbox": _blackbox, "pairs": _pairs, "reward-model": _reward_model}
     try:
         return handlers[args.command](args)
     except SqdfError as exc:

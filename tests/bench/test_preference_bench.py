@@ -55,24 +55,26 @@ TINY = ["--seeds", "1", "--jobs", "1", "--eval-samples", "64", "--offline-steps"
 
 def test_tiny_preference_bench_end_to_end(tmp_path, capsys):
     out = tmp_path / "p"
-    methods = "d3po,dro,diffusion-dpo"
+    methods = "d3po,dro,diffusion-dpo,inpo,ddpo+rm"
     code = main(["bench", "gaussian", "--preferences", "16,32", "--methods", methods, "--out", str(out), *TINY])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     rows = json.loads((out / "results.json").read_text())
-    assert len(rows) == 6 and not [r for r in rows if "error" in r]
+    assert len(rows) == 10 and not [r for r in rows if "error" in r]
     by = {(r["method"], r["labels"]): r for r in rows}
     assert 64 <= by[("d3po", 32)]["reward_queries"] < 64 + 8  # 32 labels = 64 reward queries
     assert 32 <= by[("dro", 32)]["reward_queries"] < 32 + 8
-    assert by[("diffusion-dpo", 16)]["reward_queries"] == 0
+    assert by[("diffusion-dpo", 16)]["reward_queries"] == 0 and by[("inpo", 16)]["reward_queries"] == 0
+    assert by[("ddpo+rm", 16)]["learned_reward"] is not None  # trained on the model, scored by the true reward
     for n in (16, 32):
         assert (out / "data" / "gaussian" / f"L{n}" / "seed0" / "pairs.parquet").exists()
+        assert (out / "data" / "gaussian" / f"L{n}" / "seed0" / "reward_model.safetensors").exists()
     table = (out / "table.md").read_text()
     assert "sqdf bench gaussian --preferences 16,32" in table
-    assert "| method | 16 labels | 32 labels |" in table and "| dro |" in table
+    assert "| method | 16 labels | 32 labels |" in table and "| ddpo+rm |" in table
     assert (out / "plots" / "regret_vs_labels_gaussian.png").stat().st_size > 1000
     assert main(["bench", "gaussian", "--preferences", "16,32", "--methods", methods, "--out", str(out), *TINY]) == 0
-    assert "reusing 6, running 0" in capsys.readouterr().out
+    assert "reusing 10, running 0" in capsys.readouterr().out
 
 
 def test_bad_preference_bench_arguments_exit_2(tmp_path, capsys):

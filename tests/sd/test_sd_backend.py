@@ -11,7 +11,7 @@ import torch
 
 from sqdf.errors import ConfigError, MissingWeightsError
 
-TRAINED = ["sqdf", "sqdf-paper", "ddpo", "dpok", "draft", "alignprop", "refl", "prdp"]
+TRAINED = ["sqdf", "sqdf-paper", "ddpo", "dpok", "draft", "alignprop", "refl", "prdp", "d3po", "dense-dpo", "dro"]
 
 
 def _perturb_lora(net, scale=0.05, seed=0):
@@ -282,3 +282,27 @@ def test_weighted_sum_reward_reports_its_terms_on_full_images(sd_run, tiny_rewar
     assert {"reward_aesthetic", "reward_clip"} <= set(metrics)
     combined = metrics["reward_aesthetic"] + 0.5 * metrics["reward_clip"]
     assert abs(metrics["reward_mean"] - combined) < 1e-4 * max(1.0, abs(combined))
+
+
+@pytest.mark.parametrize("method", ["diffusion-dpo", "inpo", "dro"])
+def test_offline_preference_methods_run_on_tiny_sd15(sd_run, tmp_path, method):
+    """Pairs (or scores) of the tiny pipeline's own latents and prompt conditions, written to a file and read back:
+    one LoRA step, no reward query."""
+    from sqdf.preferences import PreferencePairs, write_pairs
+    from sqdf.preferences.data import PointwiseScores, write_scores
+
+    probe = sd_run("sd15-aesthetic", "ddpo")
+    cond = probe.task.sample_conditions(4, torch.Generator().manual_seed(0))
+    x = probe.policy.sample(8, torch.cat([cond, cond]), torch.Generator().manual_seed(1)).samples.detach()
+    if method == "dro":
+        path = write_scores(PointwiseScores(x[:4], torch.randn(4), cond), str(tmp_path / "scores.parquet"))
+    else:
+        path = write_pairs(PreferencePairs(x[:4], x[4:], torch.tensor([1.0, 0.0, 1.0, 0.5]), cond),
+                           str(tmp_path / "pairs.parquet"))
+    extra = {"method.samples_per_step": 2} if method == "dro" else {"method.pairs_per_step": 2}
+    trainer = sd_run("sd15-aesthetic", method, out=str(tmp_path / "run"), **{"method.data": path}, **extra)
+    net = trainer.task.denoiser.net
+    before = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+    summary = trainer.train()
+    assert summary["iterations"] == 1 and summary["reward_queries"] == 0
+    assert any(not torch.equal(before[n], p.detach()) for n, p in net.named_parameters() if p.requires_grad)

@@ -46,6 +46,10 @@ LEARNED = "+rm"
 # mean over a toy's d <= 8 elements needs a temperature about d / 16,384 as large for the same per-sample weight,
 # and the offline loss here sees 1024 pairs a step (the file is resampled with replacement).
 _VECTOR_OFFLINE = {"method": {"beta": 5.0, "lr": 1e-3, "pairs_per_step": 1024}}
+# The online methods' learning rates on the vector tasks: the better of the two tried for each on gmm1 at 16,384
+# queries, seed 0 (BENCHMARKS.md, "Preference methods"); the method defaults (1e-4) are set for SD-size LoRA.
+_VECTOR_ONLINE = {"d3po": {"method": {"lr": 3e-3}}, "dense-dpo": {"method": {"lr": 3e-3}},
+                  "dro": {"method": {"lr": 3e-4}}}
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,8 @@ def plan(tasks, methods, labels, seeds: int, queries: int, offline_steps: int, e
                     config.update(bench_presets(task, base))
                     if vector and METHODS[base].offline:
                         config.update(_VECTOR_OFFLINE)
+                    if vector and not label.endswith(LEARNED):
+                        config.update(_VECTOR_ONLINE.get(base, {}))
                     settings = {"seed": seed, "steps": STEP_CAP, "eval_every": 0, "eval_samples": eval_samples,
                                 "checkpoint_every": STEP_CAP, "tensorboard": False, "progress": False,
                                 "device": "cpu"}

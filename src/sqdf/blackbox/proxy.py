@@ -25,9 +25,15 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.ensemble import (
+    EnsembleMLP,
+    check_features,
+    feature_matrix,
+    ridge_inverse,
+    standardization,
+    uniform_init,
+)
 from ..models.features import as_feature_map
-
-_FEATURE_CHUNK = 1024  # samples per feature-map call at fit time
 
 
 # ---- the proxies -----------------------------------------------------------------------------------------------
@@ -60,11 +66,7 @@ class _Proxy(nn.Module, ABC):
 
     # -- features --
     def _raw_features(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        f = self.feature_map(x, cond)
-        if not isinstance(f, torch.Tensor) or f.dim() != 2 or f.shape[0] != x.shape[0]:
-            shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
-            raise ConfigError(f"the feature map returned {shape} for {x.shape[0]} samples; it must return [B, F]")
-        return f
+        return check_features(self.feature_map(x, cond), x.shape[0])
 
     def _z(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """Standardized features [B, F] in the proxy's dtype (differentiable in x)."""
@@ -93,18 +95,9 @@ class _Proxy(nn.Module, ABC):
             raise ConfigError(f"{int(bad.sum())} fit targets are NaN/inf (rows {rows}...); drop those samples "
                               "before fitting the proxy")
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        with torch.no_grad():
-            f = torch.cat([self._raw_features(x[s:s + _FEATURE_CHUNK],
-                                              None if cond is None else cond[s:s + _FEATURE_CHUNK])
-                           for s in range(0, n, _FEATURE_CHUNK)]).to(dtype)
-        if not torch.isfinite(f).all():
-            raise ConfigError("the feature map returned NaN/inf on the fit samples; check the samples and the map")
-        dim = getattr(self.feature_map, "dim", None)
-        if dim is not None and f.shape[1] != dim:
-            raise ConfigError(f"the feature map declares dim={dim} but returned {f.shape[1]} features; fix its dim")
+        f = feature_matrix(self.feature_map, x, cond, dtype)
         y = y.detach().reshape(-1).to(device=f.device, dtype=dtype)
-        f_mean, f_std = f.mean(0), f.std(0, correction=0)
-        f_std = torch.where(f_std > 1e-6 * (1 + f_mean.abs()), f_std, torch.ones_like(f_std))  # constant features
+        f_mean, f_std = standardization(f)  # constant features are only centered
         y_mean, y_std = y.mean(), y.std(correction=0)
         y_std = y_std if y_std > 1e-12 * (1 + y_mean.abs()) else torch.ones_like(y_std)
         for name, value in (("f_mean", f_mean), ("f_std", f_std), ("y_mean", y_mean), ("y_std", y_std)):
@@ -120,11 +113,6 @@ class _Proxy(nn.Module, ABC):
         self.requires_grad_(False).eval()
         self.fitted, self.num_fit = True, n
         return self
-
-    def _linear(self, shape: tuple[int, ...], fan_in: int, dtype, device, gen) -> nn.Parameter:
-        bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default range, from our own generator
-        w = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
-        return nn.Parameter(w.to(device=device, dtype=dtype))
 
     def _batches(self, n: int, gen: torch.Generator, device) -> list[torch.Tensor | None]:
         """Index batches for one epoch (None: the full batch)."""
@@ -175,21 +163,11 @@ class EnsembleProxy(_Proxy):
         self.members, self.optimism = int(members), float(optimism)
 
     def _build(self, in_dim, dtype, device, gen):
-        m, h = self.members, self.hidden
-        self.w1 = self._linear((m, in_dim, h), in_dim, dtype, device, gen)
-        self.b1 = self._linear((m, 1, h), in_dim, dtype, device, gen)
-        self.w2 = self._linear((m, h, h), h, dtype, device, gen)
-        self.b2 = self._linear((m, 1, h), h, dtype, device, gen)
-        self.w3 = self._linear((m, h, 1), h, dtype, device, gen)
-        self.b3 = self._linear((m, 1, 1), h, dtype, device, gen)
+        self.heads = EnsembleMLP(self.members, in_dim, self.hidden, dtype, device, gen)
 
     def _heads(self, z: torch.Tensor) -> torch.Tensor:
         """z [M, B, F] (or [B, F], shared by all members) -> standardized predictions [M, B]."""
-        if z.dim() == 2:
-            z = z.unsqueeze(0).expand(self.members, -1, -1)
-        a = nn.functional.silu(torch.baddbmm(self.b1, z, self.w1))
-        a = nn.functional.silu(torch.baddbmm(self.b2, a, self.w2))
-        return torch.baddbmm(self.b3, a, self.w3).squeeze(-1)
+        return self.heads(z)
 
     def _train(self, z, t, gen):
         n = z.shape[0]
@@ -241,12 +219,12 @@ class UCBProxy(_Proxy):
 
     def _build(self, in_dim, dtype, device, gen):
         h = self.hidden
-        self.w1 = self._linear((in_dim, h), in_dim, dtype, device, gen)
-        self.b1 = self._linear((h,), in_dim, dtype, device, gen)
-        self.w2 = self._linear((h, h), h, dtype, device, gen)
-        self.b2 = self._linear((h,), h, dtype, device, gen)
-        self.w3 = self._linear((h, 1), h, dtype, device, gen)
-        self.b3 = self._linear((1,), h, dtype, device, gen)
+        self.w1 = uniform_init((in_dim, h), in_dim, dtype, device, gen)
+        self.b1 = uniform_init((h,), in_dim, dtype, device, gen)
+        self.w2 = uniform_init((h, h), h, dtype, device, gen)
+        self.b2 = uniform_init((h,), h, dtype, device, gen)
+        self.w3 = uniform_init((h, 1), h, dtype, device, gen)
+        self.b3 = uniform_init((1,), h, dtype, device, gen)
 
     def _phi(self, z: torch.Tensor) -> torch.Tensor:
         """Last hidden layer [B, hidden]."""
@@ -265,10 +243,8 @@ class UCBProxy(_Proxy):
 
     def _after_fit(self, z):
         with torch.no_grad():
-            phi = torch.cat([self._phi(z[s:s + 4096]) for s in range(0, z.shape[0], 4096)]).to(torch.float64)
-            a = self.ridge * torch.eye(self.hidden, dtype=torch.float64, device=z.device) + phi.T @ phi
-            a_inv = torch.cholesky_inverse(torch.linalg.cholesky(a))
-            self.register_buffer("a_inv", (0.5 * (a_inv + a_inv.T)).to(z.dtype))
+            phi = torch.cat([self._phi(z[s:s + 4096]) for s in range(0, z.shape[0], 4096)])
+            self.register_buffer("a_inv", ridge_inverse(phi, self.ridge).to(z.dtype))
 
     def predict(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean [B], bonus term [B] = bonus * sqrt(phi^T A^-1 phi) * std(y)) in the units of y; differentiable."""

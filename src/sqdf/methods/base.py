@@ -63,10 +63,13 @@ class MethodConfig:
 
 @dataclass
 class Rollout:
-    """Trajectories sampled by the current policy without gradients, with their rewards [B]."""
+    """Trajectories sampled by the current policy without gradients, with their rewards [B] and optional
+    per-sample weights [B] (PrefPaint's trust in a learned reward, ``trainer.reward_model_trust``); a method whose
+    ``uses_sample_weights`` is True multiplies each sample's loss terms by them."""
 
     trajectory: Trajectory
     rewards: torch.Tensor
+    weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -75,14 +78,16 @@ class IterationContext:
 
     iteration: int
     generator: torch.Generator  # all randomness of the method must come from here (exact resume)
-    # rollout(n, cond=None, initial=None): n chains of the policy from start noise ``initial`` (None: fresh), scored
-    # (counts n queries)
+    # rollout(n, cond=None, initial=None, score=True): n chains of the policy from start noise ``initial`` (None:
+    # fresh), scored (counts n queries; score=False: rewards are NaN and nothing is counted)
     rollout: Callable[..., Rollout]
     reward: Callable  # reward(x, cond) -> [B], differentiable where the task is; counts B queries per call
     optimizer_step: Callable[[torch.Tensor], dict]  # backward, clip, step, zero_grad; returns {"grad_norm": ..}
     conditions: Callable[[int], "torch.Tensor | None"] = lambda n: None  # task conditions for n samples
     # backward(loss): add loss's gradient without stepping (chunks of one big step; the last goes to optimizer_step)
     backward: "Callable[[torch.Tensor], None] | None" = None
+    # label(a, b, cond) -> labels [P] in {0, 0.5, 1} from trainer.labeller (budgeted, logged); None: label by reward
+    label: "Callable | None" = None
 
 
 @dataclass
@@ -105,7 +110,11 @@ class Method(ABC):
     config_class: ClassVar[type] = MethodConfig
     trains: ClassVar[bool] = True  # False: an inference-time method (no optimizer, no training loop)
     needs_reward_gradient: ClassVar[bool] = False  # True: backpropagates through the reward (refuses black-box ones)
-    offline: ClassVar[bool] = False  # True: learns from a fixed data file, spends no reward query (not in bench defaults)
+    reads_labels: ClassVar[bool] = False  # True: asks ctx.label for online pairwise labels when a labeller is set
+    offline: ClassVar[bool] = False  # True: learns from a data file, spends no reward query (not in bench defaults)
+    # True: multiplies each sample's loss terms by Rollout.weights when present (trainer.reward_model_trust refuses
+    # methods that would silently ignore them)
+    uses_sample_weights: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, policy: DiffusionPolicy, alpha: float):
         config.validate()

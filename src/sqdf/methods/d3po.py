@@ -11,9 +11,11 @@ with the final label reused at every step (the sum over steps: the official code
 step k; at theta = ref the sum has the gradient of DPO on whole chains).
 
 Derivation. DPO on whole chains with the path log-ratio h = sum_k h_k targets p_ref exp(r / (beta tau)), the
-Bradley-Terry optimum. D3PO splits that logistic term into one per step: the first step stays exact (both chains
-start from one state), but later steps fit the behaviour policy's expected reward of the pair's continuations
-rather than the soft Q (PREFERENCES.md 10.4), so the fixed point is near, not at, the tilt. ``beta`` defaults to
+Bradley-Terry optimum. With ``trainer.labeller`` set, the labels come from it instead (a person or a program,
+through the budgeted label log; the chains are then not scored). D3PO splits that logistic term into one per step:
+the first step stays exact (both chains start from one state), but later steps fit the behaviour policy's expected
+reward of the pair's continuations rather than the soft Q (PREFERENCES.md 10.4), so the fixed point is near, not at,
+the tilt. ``beta`` defaults to
 alpha / tau, the weight whose path-level optimum is the task's p*. The official code's setting is
 ``log_ratio="mean"`` with beta 0.1 and ``ratio_clip=0.1``: per-element log-probs, and the ratio to the frozen
 reference clamped to [0.9, 1.1], which bounds how far any step can move.
@@ -84,6 +86,7 @@ def d3po_loss(h_a: torch.Tensor, h_b: torch.Tensor, labels: torch.Tensor, beta: 
 class D3PO(Method):
     name = "d3po"
     config_class = D3POConfig
+    reads_labels = True
 
     def __init__(self, config: D3POConfig, policy, alpha: float):
         super().__init__(config, policy, alpha)
@@ -96,10 +99,15 @@ class D3PO(Method):
         if cond is not None:
             cond = cond.repeat_interleave(2, dim=0)
         start = self.policy.initial_noise(pairs, ctx.generator).repeat_interleave(2, dim=0)
-        roll = ctx.rollout(2 * pairs, cond, start)
-        traj = roll.trajectory
-        rewards = roll.rewards.view(pairs, 2)
-        labels = bradley_terry_labels(rewards[:, 0], rewards[:, 1], cfg.label_temperature, ctx.generator)
+        if ctx.label is not None:  # trainer.labeller: a person or program labels the pairs, no reward query
+            traj = ctx.rollout(2 * pairs, cond, start, score=False).trajectory
+            x = traj.samples
+            labels = ctx.label(x[0::2], x[1::2], None if cond is None else cond[0::2]).cpu()
+        else:
+            roll = ctx.rollout(2 * pairs, cond, start)
+            traj = roll.trajectory
+            rewards = roll.rewards.view(pairs, 2)
+            labels = bradley_terry_labels(rewards[:, 0], rewards[:, 1], cfg.label_temperature, ctx.generator)
         self.policy.train()
         losses, accs, grad_norms = [], [], []
         for _ in range(cfg.inner_steps):

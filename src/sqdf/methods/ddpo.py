@@ -13,6 +13,9 @@ compute it, so clip_range = 1e-4 means the same on a 2-D toy and on a 16,384-dim
 uses the transition's full ratio. Log-probs are summed in float64 either way (``gaussian_log_prob``).
 
 ``kl_coef > 0`` shapes the reward to r - kl_coef * path KL (the KL-regularized objective as a black-box reward).
+
+When the rollout carries per-sample weights w (``Rollout.weights``: PrefPaint's trust in a learned reward,
+``trainer.reward_model_trust``) each chain's terms are multiplied by its w, as PrefPaint's loss sum w * max(...).
 """
 
 from __future__ import annotations
@@ -70,12 +73,18 @@ class DDPOConfig(MethodConfig):
             raise ConfigError(f"method.kl_coef={self.kl_coef} must be >= 0")
 
 
-def ppo_clip_loss(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> torch.Tensor:
-    """mean max(-A r, -A clip(r, 1-eps, 1+eps)) with r = exp(log_ratio); log_ratio, advantages [N]."""
+def ppo_clip_loss(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """mean max(-A r, -A clip(r, 1-eps, 1+eps)) with r = exp(log_ratio); log_ratio, advantages [N]. ``weights``
+    [N]: each term is multiplied by its weight first (PrefPaint's trust weights; still divided by N, not by the
+    weights' sum, as PrefPaint does)."""
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return torch.maximum(unclipped, clipped).mean()
+    terms = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        terms = terms * weights.to(terms.dtype)
+    return terms.mean()
 
 
 class PerConditionStatTracker:
@@ -112,6 +121,7 @@ class PerConditionStatTracker:
 class DDPO(Method):
     name = "ddpo"
     config_class = DDPOConfig
+    uses_sample_weights = True  # Rollout.weights multiply the clipped terms of each chain's transitions
 
     def __init__(self, config: DDPOConfig, policy, alpha: float):
         super().__init__(config, policy, alpha)
@@ -124,6 +134,7 @@ class DDPO(Method):
         shaped = roll.rewards - cfg.kl_coef * traj.path_kl.to(roll.rewards.dtype)
         adv = self.tracker.advantages(shaped, condition_keys(traj.cond, traj.batch_size))
         adv = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+        weights = None if roll.weights is None else roll.weights.to(device=adv.device, dtype=adv.dtype)
         T, d = self.policy.num_steps, sample_dim(self.policy)
         self.policy.train()
         losses, fracs, grad_norms = [], [], []
@@ -134,6 +145,7 @@ class DDPO(Method):
                 cond = repeat_cond(traj.cond, chains, T)
                 old = traj.log_probs[chains].reshape(-1)
                 advantages = adv[chains].repeat_interleave(T)
+                chain_weights = None if weights is None else weights[chains].repeat_interleave(T)
                 total = x.shape[0]
                 size = cfg.transition_chunk if cfg.transition_chunk > 0 and ctx.backward is not None else total
                 loss_sum, clipped = 0.0, 0.0
@@ -143,7 +155,8 @@ class DDPO(Method):
                                                          None if cond is None else cond[part])
                     log_ratio = step_log_ratio(log_prob, old[part], d, cfg.log_ratio)
                     n_part = log_ratio.shape[0]
-                    loss = ppo_clip_loss(log_ratio, advantages[part], cfg.clip_range) * (n_part / total)
+                    w = None if chain_weights is None else chain_weights[part]
+                    loss = ppo_clip_loss(log_ratio, advantages[part], cfg.clip_range, w) * (n_part / total)
                     if part.stop < total:
                         ctx.backward(loss)
                     else:

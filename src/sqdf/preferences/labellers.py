@@ -240,6 +240,29 @@ class LabelLog:
                 self.answers[key] = float(v)
         return torch.tensor([self.answers[key] for key in ids], dtype=torch.float32, device=a.device)
 
+    def within_budget(self, a: torch.Tensor, b: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Like calling the log, but pairs beyond the budget's end get 0.5 (a tie: no information, no gradient in
+        the DPO losses) instead of raising, so a run's last iteration can use what the budget still buys."""
+        if not self.budget:
+            return self(a, b, cond)
+        ids = pair_ids(a, b, cond)
+        left = self.budget - self.spent
+        keep, new = [], set()
+        for i, key in enumerate(ids):
+            if key in self.answers or key in new or len(new) < left:
+                if key not in self.answers:
+                    new.add(key)
+                keep.append(i)
+        out = torch.full((len(ids),), 0.5, dtype=torch.float32, device=a.device)
+        if keep:
+            rows = torch.tensor(keep, device=a.device)
+            out[rows] = self(a[rows], b[rows], None if cond is None else cond[rows])
+        return out
+
+    @property
+    def exhausted(self) -> bool:
+        return bool(self.budget) and self.spent >= self.budget
+
     def _log(self, a, b, cond, ids: list[str], labels: torch.Tensor) -> None:
         if self.log_dir is None:
             return

@@ -39,6 +39,25 @@ class TrainerConfig:
     progress: bool = option(True, "show a progress bar")
     plots: bool = option(True, "save sample plots at each evaluation")
     floor: bool = option(True, "report the exact-score sampling floor in summary.json (toy tasks)")
+    reward_model: str | None = option(None, "path of a reward model learned from preferences (`sqdf reward-model`): "
+                                      "every training reward query is then its reward on the task's proxy features "
+                                      "(counted as queries), while evaluations score the task's true reward, so "
+                                      "over-optimization of the learned reward shows (eval rows log learned_reward "
+                                      "beside reward_mean); differentiable, so gradient methods may use it on "
+                                      "black-box tasks")
+    reward_model_pessimism: float = option(0.0, "train on the learned reward's mean - kappa * std across its "
+                                           "ensemble (kappa >= 0; 0: the mean), a remedy for over-optimization")
+    labeller: str | None = option(None, "who labels the online pairs of d3po: None (Bradley-Terry on the task "
+                                  "reward at method.label_temperature, 2 queries a label), 'http://localhost:PORT/"
+                                  "PATH' (a person or program answering POSTed pairs) or 'answers:FILE' (a jsonl "
+                                  "file of answers; unanswered pairs are written to DIR/questions and the run stops "
+                                  "until they are answered, then `sqdf resume`); every label is logged in DIR/labels")
+    label_budget: int = option(0, "with trainer.labeller: the most labels the run may buy (0: no limit); the run "
+                               "ends when they are spent")
+    reward_model_trust: bool = option(False, "PrefPaint's trust weighting: each rollout sample's loss term is "
+                                      "weighted by clamp(exp(-0.05 sqrt(phi^T V^-1 phi) + 0.7), 1, 2.21) on the "
+                                      "learned reward's last-layer features (methods that use sample weights: ddpo, "
+                                      "rlcm)")
 
     def validate(self) -> None:
         for name in ("steps", "eval_samples", "checkpoint_every", "keep_checkpoints", "log_every",
@@ -52,6 +71,23 @@ class TrainerConfig:
             raise ConfigError(f"trainer.device={self.device!r} must be 'auto', 'cpu' or 'cuda'")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"trainer.mixed_precision={self.mixed_precision!r} must be 'no', 'fp16' or 'bf16'")
+        if self.label_budget < 0:
+            raise ConfigError(f"trainer.label_budget={self.label_budget} must be >= 0 (0: no limit)")
+        if self.labeller is not None and not (self.labeller.startswith(("http://", "https://", "answers:"))):
+            raise ConfigError(f"trainer.labeller={self.labeller!r} must be 'http://localhost:PORT/PATH' or "
+                              "'answers:FILE', or null to label by the task reward")
+        if self.label_budget and self.labeller is None:
+            raise ConfigError("trainer.label_budget applies to trainer.labeller; set a labeller too (or use "
+                              "trainer.max_queries to bound the reward-labelled pairs)")
+        if self.reward_model is not None and not self.reward_model.strip():
+            raise ConfigError("trainer.reward_model is empty; give the path of a `sqdf reward-model` file, or null")
+        if not self.reward_model_pessimism >= 0:
+            raise ConfigError(f"trainer.reward_model_pessimism={self.reward_model_pessimism} must be >= 0 "
+                              "(0: train on the learned reward's ensemble mean)")
+        if self.reward_model is None and (self.reward_model_pessimism > 0 or self.reward_model_trust):
+            key = "reward_model_trust" if self.reward_model_trust else "reward_model_pessimism"
+            raise ConfigError(f"trainer.{key} applies to a learned reward; set trainer.reward_model=MODEL.safetensors "
+                              "(from `sqdf reward-model`) too, or drop it")
 
 
 def _did_you_mean(name: str, known: list[str]) -> str:

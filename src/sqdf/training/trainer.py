@@ -25,6 +25,7 @@ from ..methods.base import lr_factor
 from . import run_files
 from .checked_reward import CheckedReward
 from .checkpoint import atomic_write_text, load_latest_checkpoint, save_checkpoint
+from .learned_reward import load_learned_reward
 from .run_setup import (
     TrainerConfig,
     build_policy,
@@ -43,7 +44,8 @@ class Trainer:
     def __init__(self, task_name: str, method_name: str, config: RunConfig, out_dir: str,
                  training_reward=None):
         """``training_reward``: a stand-in for the task's reward during training (a proxy fit on oracle queries,
-        ``sqdf blackbox``); evaluations always score with the task's own reward."""
+        ``sqdf blackbox``; or, from ``trainer.reward_model``, a reward model learned from preferences); evaluations
+        always score with the task's own reward."""
         self.task_name, self.method_name = task_name, method_name
         self.config = config
         self.out_dir = out_dir
@@ -52,7 +54,23 @@ class Trainer:
         cls = method_class(method_name)
         config.method.validate()
         self.task = make_task(task_name, config.task)
-        if cls.reward_gradient_needed(config.method) and training_reward is None and not self.task.differentiable_reward:
+        self.learned_reward = None
+        if tcfg.reward_model is not None:
+            if training_reward is not None:
+                raise ConfigError("trainer.reward_model replaces the training reward, but this run already has one "
+                                  "(the proxy or oracle of `sqdf blackbox`); drop trainer.reward_model")
+            if tcfg.reward_model_trust and not cls.uses_sample_weights:
+                from ..methods import METHODS
+
+                weighted = [name for name, m in METHODS.items() if m.uses_sample_weights]
+                raise ConfigError(f"trainer.reward_model_trust=true weights each sample's loss term (PrefPaint), "
+                                  f"but method {method_name} ignores sample weights; use a method that applies "
+                                  f"them ({', '.join(weighted)}) or set trainer.reward_model_trust=false")
+            self.learned_reward = load_learned_reward(tcfg.reward_model, self.task, "cpu",
+                                                      tcfg.reward_model_pessimism)
+            training_reward = self.learned_reward
+        needs_gradient = cls.reward_gradient_needed(config.method)
+        if needs_gradient and training_reward is None and not self.task.differentiable_reward:
             raise ConfigError(f"method {method_name} follows the reward's gradient, but the {task_name} reward "
                               f"({getattr(config.task, 'reward', '?')}) is black-box; use a gradient-free method "
                               "(ddpo, dpok, prdp, best_of_n, fk_steering) or a differentiable reward")
@@ -64,6 +82,8 @@ class Trainer:
             raise ConfigError("trainer.device='cuda' but no CUDA device is visible; use trainer.device=auto or cpu")
         self.device = self.accelerator.device
         _seed_everything(tcfg.seed)
+        if self.learned_reward is not None:
+            self.learned_reward.model.to(self.device)
 
         self.policy = build_policy(self.task, config, out_dir, self.device, cls)
         self.reward = CheckedReward(training_reward or self.task.reward, name=f"{task_name} reward")
@@ -83,6 +103,18 @@ class Trainer:
         self.iteration = 0
         self.elapsed_before = 0.0
         self._tb = None
+        self.labels = None
+        if tcfg.labeller is not None:
+            if not cls.reads_labels:
+                from ..methods import METHODS
+
+                readers = [name for name, m in METHODS.items() if m.reads_labels]
+                raise ConfigError(f"trainer.labeller labels online pairs, but method {method_name} does not ask for "
+                                  f"labels; use {', '.join(readers)} or drop trainer.labeller")
+            from ..preferences.labellers import LabelLog, make_labeller
+
+            self.labels = LabelLog(make_labeller(tcfg.labeller, out_dir), tcfg.label_budget,
+                                   os.path.join(out_dir, "labels"))
 
     # ---- construction from disk ------------------------------------------------------------------------------
     @classmethod
@@ -166,15 +198,24 @@ class Trainer:
             bar = tqdm(total=tcfg.steps, initial=self.iteration, desc=f"{self.method_name} on {self.task_name}")
         while self.method.trains and self.iteration < tcfg.steps and not self._budget_spent():
             ctx = IterationContext(self.iteration, self.generator, self._rollout, self.reward, self._optimizer_step,
-                                   self._conditions, self._backward_only)
+                                   self._conditions, self._backward_only,
+                                   None if self.labels is None else self.labels.within_budget)
             self._last_rollout_reward = float("nan")
+            self._last_trust_weight = float("nan")
             queries_before = self.reward.queries
-            stats = self.method.train_iteration(ctx)
+            if self.labels is None:
+                stats = self.method.train_iteration(ctx)
+            else:
+                stats = self._labelled_iteration(ctx)
             self.iteration += 1
             if self.iteration % tcfg.log_every == 0:
                 row = {"iteration": self.iteration, "kind": "train", "reward_queries": self.reward.queries, **stats}
+                if self.labels is not None:
+                    row["labels_spent"] = self.labels.spent
                 if not math.isnan(self._last_rollout_reward):  # offline methods (diffusion-dpo) draw no rollout
                     row["rollout_reward"] = self._last_rollout_reward
+                if not math.isnan(getattr(self, "_last_trust_weight", float("nan"))):
+                    row["trust_weight"] = self._last_trust_weight
                 self._log(row)
             if bar is not None:
                 bar.update(1)
@@ -195,22 +236,42 @@ class Trainer:
             self._tb.close()
         return summary
 
+    def _labelled_iteration(self, ctx: IterationContext) -> dict:
+        """One iteration whose labels come from trainer.labeller. When the labeller is waiting for answers
+        (LabelsPending), the state from before the iteration is checkpointed, so `sqdf resume` replays it exactly
+        (same pairs, answered from the file then) once the answers are in."""
+        from ..preferences.labellers import LabelsPending
+
+        before = self.state()
+        try:
+            return self.method.train_iteration(ctx)
+        except LabelsPending:
+            if self.accelerator.is_main_process:
+                save_checkpoint(self.out_dir, self.iteration, before, self.config.trainer.keep_checkpoints)
+            raise
+
     def _budget_spent(self) -> bool:
         budget = self.config.trainer.max_queries
-        return budget > 0 and self.reward.queries >= budget
+        return (budget > 0 and self.reward.queries >= budget) or (self.labels is not None and self.labels.exhausted)
 
     def _conditions(self, n: int):
         return self.task.sample_conditions(n, self.generator)
 
-    def _rollout(self, n: int, cond=None, initial=None) -> Rollout:
+    def _rollout(self, n: int, cond=None, initial=None, score: bool = True) -> Rollout:
         if cond is None:
             cond = self._conditions(n)
         self.policy.eval()
         traj = self.policy.sample(n, cond, self.generator, initial=initial)
+        if not score:
+            return Rollout(traj, torch.full((n,), float("nan"), device=traj.samples.device))
         with torch.no_grad():
             rewards = self.reward(traj.samples, cond)
         self._last_rollout_reward = float(rewards.mean())
-        return Rollout(traj, rewards)
+        weights = None
+        if self.config.trainer.reward_model_trust:  # PrefPaint: the learned reward's trust in each sample
+            weights = self.learned_reward.trust_weight(traj.samples, cond)
+            self._last_trust_weight = float(weights.mean())
+        return Rollout(traj, rewards, weights)
 
     def _print_batch_arithmetic(self) -> None:
         m, acc = self.config.method, self.accelerator
@@ -293,6 +354,8 @@ class Trainer:
             out["optimum"] = opt.optimum
             out["regret"] = None if out["objective"] is None else opt.optimum - out["objective"]
         out.update(self.task.evaluate(gen.samples, cond))
+        if self.learned_reward is not None:  # beside the true reward_mean: over-optimization shows as a gap
+            out.update(self.learned_reward.summary(gen.samples, cond))
         self._last_cond = cond
         return out, gen.samples
 
@@ -327,6 +390,8 @@ class Trainer:
             "reward_queries": self.reward.queries,
             "wall_seconds": round(self._wall_seconds(), 3),
         }
+        if self.labels is not None:
+            summary["labels_spent"] = self.labels.spent
         if self.config.trainer.floor and hasattr(self.task, "sampling_floor") and opt is not None:
             try:
                 floor = self.task.sampling_floor(self.policy.num_steps, n=self.config.trainer.eval_samples)

@@ -205,16 +205,23 @@ def _train(args) -> int:
     return 0
 
 
-def _pairs(args) -> int:
+def _task_settings(overrides, command: str) -> dict:
+    """{task.KEY: value} from --set items of a command that takes task keys only."""
     from .config import parse_assignment
-    from .training.preference_pairs import write_reference_pairs
 
     settings = {}
-    for item in args.overrides:
+    for item in overrides:
         key, value = parse_assignment(item)
         if not key.startswith("task."):
-            raise SqdfError(f"--set {item!r}: `sqdf pairs` takes task keys only (task.KEY=VALUE)")
+            raise SqdfError(f"--set {item!r}: `{command}` takes task keys only (task.KEY=VALUE)")
         settings[key] = value
+    return settings
+
+
+def _pairs(args) -> int:
+    from .training.preference_pairs import write_reference_pairs
+
+    settings = _task_settings(args.overrides, "sqdf pairs")
     if args.n < 1:
         raise SqdfError(f"--n {args.n} must be >= 1")
     if args.temperature < 0:
@@ -232,15 +239,9 @@ def _pairs(args) -> int:
 
 
 def _reward_model(args) -> int:
-    from .config import parse_assignment
     from .training.learned_reward import fit_reward_model
 
-    settings = {}
-    for item in args.overrides:
-        key, value = parse_assignment(item)
-        if not key.startswith("task."):
-            raise SqdfError(f"--set {item!r}: `sqdf reward-model` takes task keys only (task.KEY=VALUE)")
-        settings[key] = value
+    settings = _task_settings(args.overrides, "sqdf reward-model")
     if not args.out.endswith(".safetensors"):
         raise SqdfError(f"--out {args.out!r}: the reward model is a safetensors file; name it MODEL.safetensors")
     if not 0 <= args.holdout < 1:

@@ -26,14 +26,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import time
-import traceback
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..training.checkpoint import atomic_write_text
-from .pool import error_row, execute, machine_text
+from .pool import execute, machine_text
 from .tables import MISSING, best_indices, format_stat, split_names, summarize, task_table
 
 DEFAULT_TASKS = ("gmm1", "mix25to9", "gaussian")
@@ -184,27 +182,23 @@ def prepare_data(task: str, labels: int, seed: int, data_dir: str, fit_model: bo
         fit_reward_model(task, pairs, model_path, seed=seed, log=log)
 
 
-def run_pref_one(spec: PrefSpec) -> dict:
-    """Make one run from scratch and return its row (summary.json keys, "curve", "labels"); errors become rows."""
-    from .runs import RunSpec, load_row
+def _as_run_spec(spec: PrefSpec):
+    from .runs import RunSpec
 
-    try:
-        from ..training.run_setup import default_config
-        from ..training.trainer import Trainer
+    return RunSpec(spec.task, spec.base, spec.seed, spec.run_dir, spec.config)
 
-        if os.path.isdir(spec.run_dir):
-            shutil.rmtree(spec.run_dir)
-        config = default_config(spec.base)
-        config.update(spec.config)
-        Trainer(spec.task, spec.base, config, spec.run_dir).train()
-        row = load_row(RunSpec(spec.task, spec.method, spec.seed, spec.run_dir, spec.config))
-    except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the bench goes on
-        os.makedirs(spec.run_dir, exist_ok=True)
-        with open(os.path.join(spec.run_dir, "error.txt"), "w") as fh:
-            fh.write(traceback.format_exc())
-        row = error_row(spec, f"{type(exc).__name__}: {exc}")
+
+def _labelled(row: dict, spec: PrefSpec) -> dict:
+    """A run's row under the bench's label of its method, with its label budget."""
     row.update(method=spec.method, labels=spec.labels, seed=spec.seed)
     return row
+
+
+def run_pref_one(spec: PrefSpec) -> dict:
+    """Make one run from scratch (``runs.run_one``: failures become error rows) and return its labelled row."""
+    from .runs import run_one
+
+    return _labelled(run_one(_as_run_spec(spec)), spec)
 
 
 # ---- tables and plots (pure but for matplotlib) ---------------------------------------------------------------
@@ -339,12 +333,10 @@ def run_preference_bench(tasks=None, methods=None, labels=DEFAULT_LABELS, seeds:
     done = [s for s in specs if os.path.exists(os.path.join(s.run_dir, "summary.json"))]
     todo = [s for s in specs if s not in done]
     rows_by_spec = {}
-    for spec in done:
-        from .runs import RunSpec, load_row
+    from .runs import load_row
 
-        row = load_row(RunSpec(spec.task, spec.method, spec.seed, spec.run_dir, spec.config))
-        row.update(method=spec.method, labels=spec.labels, seed=spec.seed)
-        rows_by_spec[spec] = row
+    for spec in done:
+        rows_by_spec[spec] = _labelled(load_row(_as_run_spec(spec)), spec)
     workers = max(1, min(jobs, os.cpu_count() or 1, len(todo) or 1))
     log(f"sqdf bench --preferences: {len(specs)} runs ({len(tasks)} tasks x {len(labels)} label budgets x "
         f"{len(methods)} methods x {seeds} seeds) in {out}; reusing {len(done)}, running {len(todo)} with "

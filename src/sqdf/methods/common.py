@@ -19,6 +19,18 @@ def check_log_ratio(value: str) -> None:
         raise ConfigError(f"method.log_ratio={value!r} must be one of {LOG_RATIOS} ('mean': per dimension)")
 
 
+def check_pairwise_dpo(config) -> None:
+    """The option checks shared by the online pairwise DPO configs (d3po, dense-dpo): an even batch of two chains
+    a pair, beta > 0 or None, a label temperature >= 0 and a known log-ratio unit."""
+    if config.batch_size < 2 or config.batch_size % 2:
+        raise ConfigError(f"method.batch_size={config.batch_size} must be an even number >= 2 (two chains a pair)")
+    if config.beta is not None and not config.beta > 0:
+        raise ConfigError(f"method.beta={config.beta} must be > 0 (or None for alpha / label_temperature)")
+    if not config.label_temperature >= 0:
+        raise ConfigError(f"method.label_temperature={config.label_temperature} must be >= 0")
+    check_log_ratio(config.log_ratio)
+
+
 def step_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, dim: int, convention: str) -> torch.Tensor:
     """Per-step log-ratio in the clip's unit: (log_prob - old_log_prob) / dim for 'mean', unscaled for 'sum'.
     log_prob, old_log_prob [...] summed over a sample's ``dim`` dimensions (float64 sums: see gaussian_log_prob)."""

@@ -32,7 +32,7 @@ from ..config import option
 from ..errors import ConfigError
 from ..preferences.labels import bradley_terry_labels, decided, preference_loss
 from .base import IterationContext, Method, MethodConfig
-from .common import LOG_RATIO_HELP, check_log_ratio, implicit_reward_weight, reference_log_ratios
+from .common import LOG_RATIO_HELP, check_pairwise_dpo, implicit_reward_weight, reference_log_ratios
 
 
 @dataclass
@@ -53,13 +53,7 @@ class D3POConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.batch_size < 2 or self.batch_size % 2:
-            raise ConfigError(f"method.batch_size={self.batch_size} must be an even number >= 2 (two chains a pair)")
-        if self.beta is not None and not self.beta > 0:
-            raise ConfigError(f"method.beta={self.beta} must be > 0 (or None for alpha / label_temperature)")
-        if not self.label_temperature >= 0:
-            raise ConfigError(f"method.label_temperature={self.label_temperature} must be >= 0")
-        check_log_ratio(self.log_ratio)
+        check_pairwise_dpo(self)
         if self.ratio_clip is not None and not 0 < self.ratio_clip < 1:
             raise ConfigError(f"method.ratio_clip={self.ratio_clip} must be in (0, 1) (or None: no clamp)")
         if self.inner_steps < 1:

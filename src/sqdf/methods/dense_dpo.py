@@ -70,7 +70,7 @@ from ..preferences.labels import bradley_terry_labels, decided, preference_loss
 from .base import IterationContext, Method, MethodConfig
 from .common import (
     LOG_RATIO_HELP,
-    check_log_ratio,
+    check_pairwise_dpo,
     implicit_reward_weight,
     repeat_cond,
     sample_dim,
@@ -102,13 +102,7 @@ class DenseDPOConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.batch_size < 2 or self.batch_size % 2:
-            raise ConfigError(f"method.batch_size={self.batch_size} must be an even number >= 2 (two chains a pair)")
-        if self.beta is not None and not self.beta > 0:
-            raise ConfigError(f"method.beta={self.beta} must be > 0 (or None for alpha / label_temperature)")
-        if not self.label_temperature >= 0:
-            raise ConfigError(f"method.label_temperature={self.label_temperature} must be >= 0")
-        check_log_ratio(self.log_ratio)
+        check_pairwise_dpo(self)
         if not 0 < self.guidance <= 1:
             raise ConfigError(f"method.guidance={self.guidance} must be in (0, 1] (1: independent fresh chains)")
         if self.segments < 1:

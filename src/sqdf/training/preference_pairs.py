@@ -15,17 +15,23 @@ from ..preferences.labels import bradley_terry_labels
 from .run_setup import build_policy, default_config, make_task
 
 
-def reference_pairs(task_name: str, n: int, temperature: float = 1.0, seed: int = 0,
-                    settings: dict | None = None, batch: int = 1024) -> PreferencePairs:
-    """n labelled pairs of base-model samples of ``task_name`` (``settings``: task.KEY values, e.g. the alpha)."""
-    if n < 1:
-        raise ValueError(f"--n {n} must be >= 1 pair")
+def _base_model(task_name: str, settings: dict | None):
+    """(task, policy in eval mode on the CPU) of ``task_name`` with the task.KEY values of ``settings``."""
     config = default_config("sqdf", task_name)
     for key, value in (settings or {}).items():
         config.set(key, value)
     task = make_task(task_name, config.task)
     policy = build_policy(task, config, None, "cpu")
     policy.eval()
+    return task, policy
+
+
+def reference_pairs(task_name: str, n: int, temperature: float = 1.0, seed: int = 0,
+                    settings: dict | None = None, batch: int = 1024) -> PreferencePairs:
+    """n labelled pairs of base-model samples of ``task_name`` (``settings``: task.KEY values, e.g. the alpha)."""
+    if n < 1:
+        raise ValueError(f"--n {n} must be >= 1 pair")
+    task, policy = _base_model(task_name, settings)
     g = torch.Generator().manual_seed(seed)
     parts_a, parts_b, parts_y, parts_c = [], [], [], []
     for start in range(0, n, batch):
@@ -49,12 +55,7 @@ def reference_scores(task_name: str, n: int, seed: int = 0, settings: dict | Non
     """n base-model samples of ``task_name`` with their task rewards (for offline DRO)."""
     if n < 1:
         raise ValueError(f"--n {n} must be >= 1 sample")
-    config = default_config("sqdf", task_name)
-    for key, value in (settings or {}).items():
-        config.set(key, value)
-    task = make_task(task_name, config.task)
-    policy = build_policy(task, config, None, "cpu")
-    policy.eval()
+    task, policy = _base_model(task_name, settings)
     g = torch.Generator().manual_seed(seed)
     xs, rs, cs = [], [], []
     for start in range(0, n, batch):

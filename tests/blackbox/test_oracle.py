@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
@@ -102,28 +100,12 @@ def test_parallel_workers_give_the_same_answers():
     assert sorted(calls) == [1, 4, 4, 4]
 
 
-def test_http_oracle_on_localhost():
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            values = [sum(v * v for v in row) + (c or 0) for row, c in zip(body["x"], body["cond"])]
-            data = json.dumps({"values": values}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        oracle = Oracle(http_reward(f"http://127.0.0.1:{server.server_port}/score"), budget=4)
-        x, cond = torch.tensor([[1.0, 2.0], [0.0, 3.0]]), torch.tensor([1, 0])
-        torch.testing.assert_close(oracle(x, cond), torch.tensor([6.0, 9.0]))
-    finally:
-        server.shutdown()
+def test_http_oracle_on_localhost(json_server):
+    url = json_server(lambda body: {"values": [sum(v * v for v in row) + (c or 0)
+                                               for row, c in zip(body["x"], body["cond"])]})
+    oracle = Oracle(http_reward(url + "score"), budget=4)
+    x, cond = torch.tensor([[1.0, 2.0], [0.0, 3.0]]), torch.tensor([1, 0])
+    torch.testing.assert_close(oracle(x, cond), torch.tensor([6.0, 9.0]))
     with pytest.raises(ConfigError, match="localhost"):
         http_reward("http://example.com/score")
 

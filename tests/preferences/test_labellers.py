@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
@@ -103,31 +101,12 @@ def test_answer_file_asks_then_reads_the_answers(tmp_path):
         lab(a, b)
 
 
-class _Server(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 - the http.server API
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        labels = [1.0 if x[0] > y[0] else 0.0 for x, y in zip(body["a"], body["b"])]
-        data = json.dumps({"labels": labels}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_http_labeller_round_trip_and_refuses_remote_hosts():
-    server = HTTPServer(("127.0.0.1", 0), _Server)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        lab = make_labeller(f"http://127.0.0.1:{server.server_port}/label", None)
-        assert isinstance(lab, HTTPLabeller)
-        a, b = torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [1.0]])
-        assert lab(a, b).tolist() == [1.0, 0.0]
-    finally:
-        server.shutdown()
+def test_http_labeller_round_trip_and_refuses_remote_hosts(json_server):
+    url = json_server(lambda body: {"labels": [1.0 if x[0] > y[0] else 0.0 for x, y in zip(body["a"], body["b"])]})
+    lab = make_labeller(url + "label", None)
+    assert isinstance(lab, HTTPLabeller)
+    a, b = torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [1.0]])
+    assert lab(a, b).tolist() == [1.0, 0.0]
     with pytest.raises(ConfigError, match="localhost"):
         HTTPLabeller("http://example.com/label")
     with pytest.raises(ConfigError, match="answers:PATH"):

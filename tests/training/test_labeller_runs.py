@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
@@ -46,28 +44,10 @@ def test_answer_file_run_stops_for_answers_then_resumes(tmp_path):
     torch.testing.assert_close(logged["labels"], (logged["a"][:, 0] > logged["b"][:, 0]).float())
 
 
-class _Rule(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 - the http.server API
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        data = json.dumps({"labels": [float(x[0] > y[0]) for x, y in zip(body["a"], body["b"])]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_http_labeller_run_ends_when_the_label_budget_is_spent(tmp_path):
-    server = HTTPServer(("127.0.0.1", 0), _Rule)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        config = _config(**{"trainer.steps": 100, "trainer.labeller": f"http://127.0.0.1:{server.server_port}/",
-                            "trainer.label_budget": 10})
-        summary = Trainer("gaussian", "d3po", config, str(tmp_path / "run")).train()
-    finally:
-        server.shutdown()
+def test_http_labeller_run_ends_when_the_label_budget_is_spent(tmp_path, json_server):
+    url = json_server(lambda body: {"labels": [float(x[0] > y[0]) for x, y in zip(body["a"], body["b"])]})
+    config = _config(**{"trainer.steps": 100, "trainer.labeller": url, "trainer.label_budget": 10})
+    summary = Trainer("gaussian", "d3po", config, str(tmp_path / "run")).train()
     assert summary["labels_spent"] == 10 and summary["iterations"] == 3  # 4 + 4 + the 2 the budget still buys
     assert summary["reward_queries"] == 0
 

@@ -42,6 +42,8 @@ def test_reward_labeller_matches_the_bradley_terry_probability_and_is_reproducib
     lab = RewardLabeller(_reward, temperature=1.0, seed=3)
     y = lab(a, b)
     assert abs(float(y.mean()) - 1 / (1 + math.exp(-1))) < 0.015
+    hotter = RewardLabeller(_reward, temperature=2.0, seed=3)(a, b)  # P(a wins) = sigmoid(1 / 2)
+    assert abs(float(hotter.mean()) - 1 / (1 + math.exp(-0.5))) < 0.015
     torch.testing.assert_close(RewardLabeller(_reward, 1.0, seed=3)(a[:50], b[:50]), y[:50])  # per pair, any order
     det = RewardLabeller(_reward, temperature=0.0)(torch.tensor([[1.0], [0.0], [2.0]]), torch.tensor([[0.0], [1.0],
                                                                                                        [2.0]]))
